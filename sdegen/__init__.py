@@ -1,0 +1,46 @@
+"""sdegen: numerical SDE/ODE solvers for score-based generative diffusion models.
+
+The shortest program::
+
+    from sdegen import VPSDE, reverse_sample
+    sde = VPSDE(beta_min=0.1, beta_max=20.0)
+    x = reverse_sample(sde, score_model, shape=(16, 2), solver="heun", steps=100)
+"""
+
+from .errors import MaxStepsExceeded, NonFiniteError
+from .grids import make_grid
+from .integrate import Solution, integrate
+from .models import ScoreModel, from_denoiser, from_epsilon, from_score, from_velocity
+from .noise import GeneratorNoise, PerSampleNoise
+from .reverse import ReverseSDE
+from .sample import forward_sample, reverse_sample
+from .sde import EDMSDE, SDE, VESDE, VPSDE, LinearSDE, SubVPSDE
+from .solvers import available_solvers, get_solver
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SDE",
+    "LinearSDE",
+    "VPSDE",
+    "VESDE",
+    "SubVPSDE",
+    "EDMSDE",
+    "ReverseSDE",
+    "reverse_sample",
+    "forward_sample",
+    "integrate",
+    "Solution",
+    "make_grid",
+    "ScoreModel",
+    "from_score",
+    "from_epsilon",
+    "from_denoiser",
+    "from_velocity",
+    "GeneratorNoise",
+    "PerSampleNoise",
+    "available_solvers",
+    "get_solver",
+    "NonFiniteError",
+    "MaxStepsExceeded",
+]

@@ -1,0 +1,13 @@
+"""Exceptions raised by sdegen's integrators."""
+
+from __future__ import annotations
+
+__all__ = ["NonFiniteError", "MaxStepsExceeded"]
+
+
+class NonFiniteError(FloatingPointError):
+    """The state or a score evaluation became NaN/Inf; the message names solver, step and time."""
+
+
+class MaxStepsExceeded(RuntimeError):
+    """An adaptive solver used up ``max_steps`` before reaching the end time."""

@@ -1,0 +1,98 @@
+"""Time grids for fixed-step samplers: decreasing 1-D tensors from ``t_max`` (noise) to ``t_min``.
+
+Grids are built in float64 on the CPU once, before the step loop, and moved to the device by the
+integrator. Every grid has ``steps + 1`` points, starts exactly at ``t_max`` and ends exactly at
+``t_min``.
+
+* ``"uniform"``: uniform in ``t`` (score_sde's samplers).
+* ``"quadratic"``: uniform in ``√t`` — denser near the data (DDIM's "quad" spacing, Song et al. 2021a).
+* ``"edm"``: the Karras et al. (2022, eq. 5) ρ-schedule on the noise level ``σ = s/m``,
+  ``σ_i = (σ_max^{1/ρ} + i/N (σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ``, mapped back to ``t``; ``ρ = 7``.
+* ``"log_snr"``: uniform in ``λ = log(m²/s²)`` (DPM-Solver's recommended spacing, Lu et al. 2022).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .sde import SDE
+
+__all__ = ["GRIDS", "make_grid", "check_times"]
+
+GRIDS = ("uniform", "quadratic", "edm", "log_snr")
+
+
+def _pin_ends(t: Tensor, t_max: float, t_min: float) -> Tensor:
+    t = t.clone()
+    t[0], t[-1] = t_max, t_min
+    return t
+
+
+def make_grid(
+    kind: str,
+    sde: SDE,
+    steps: int,
+    *,
+    t_min: float | None = None,
+    t_max: float | None = None,
+    rho: float = 7.0,
+) -> Tensor:
+    """A decreasing float64 CPU tensor of ``steps + 1`` times from ``t_max`` to ``t_min``.
+
+    Args:
+        kind: one of :data:`GRIDS`.
+        sde: the forward SDE (``"edm"`` and ``"log_snr"`` need an affine SDE with ``sigma(t)``).
+        steps: number of steps ``N >= 1``.
+        t_min: end time, default ``sde.t_min``. t_max: start time, default ``sde.T``.
+        rho: exponent of the ``"edm"`` schedule.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    t_min = sde.t_min if t_min is None else float(t_min)
+    t_max = sde.T if t_max is None else float(t_max)
+    if not 0.0 < t_min < t_max <= sde.T * (1 + 1e-12):
+        raise ValueError(f"need 0 < t_min < t_max <= T={sde.T}, got t_min={t_min}, t_max={t_max}")
+    u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+    if kind == "uniform":
+        t = t_max + u * (t_min - t_max)
+    elif kind == "quadratic":
+        t = (t_max**0.5 + u * (t_min**0.5 - t_max**0.5)) ** 2
+    elif kind in ("edm", "log_snr"):
+        if not hasattr(sde, "sigma"):
+            raise ValueError(f"grid={kind!r} needs an affine SDE with a noise level sigma(t)")
+        s_max = float(sde.sigma(torch.tensor(t_max, dtype=torch.float64)))
+        s_min = float(sde.sigma(torch.tensor(t_min, dtype=torch.float64)))
+        if kind == "edm":
+            if rho <= 0:
+                raise ValueError(f"rho must be > 0, got {rho}")
+            sig = (s_max ** (1 / rho) + u * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+        else:
+            lam = -2 * torch.log(torch.tensor([s_max, s_min], dtype=torch.float64))
+            sig = torch.exp(-0.5 * (lam[0] + u * (lam[1] - lam[0])))
+        t = sde.t_from_sigma(sig).to(torch.float64)
+    else:
+        raise ValueError(f"grid must be one of {GRIDS}, got {kind!r}")
+    return _pin_ends(t, t_max, t_min)
+
+
+def check_times(times: Tensor | list, sde: SDE) -> Tensor:
+    """Validate a user grid: 1-D, at least 2 points, strictly decreasing, inside ``(0, T]``.
+
+    Returns it as a float64 CPU tensor (validated once, before any step loop).
+    """
+    t = torch.as_tensor(times).detach().to("cpu", torch.float64)
+    if t.ndim != 1 or t.shape[0] < 2:
+        raise ValueError(f"times must be a 1-D tensor with at least 2 entries, got shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ValueError("times must be finite")
+    if not (t[1:] < t[:-1]).all():
+        raise ValueError("times must be strictly decreasing (sampling runs from T down to t_min)")
+    if t[-1] <= 0 or t[0] > sde.T * (1 + 1e-12):
+        raise ValueError(f"times must lie in (0, T={sde.T}], got [{float(t[-1])}, {float(t[0])}]")
+    return t

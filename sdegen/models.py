@@ -1,0 +1,164 @@
+"""Score adapters: turn a network's parametrisation into a score ``∇ log p_t(x)`` and back.
+
+For an affine SDE with kernel ``x_t = m x_0 + s ε`` (``m = m(t)``, ``s = s(t)``), the
+parametrisations a network may predict are related by (DESIGN.md §2):
+
+* noise ``ε``:            ``score = −ε / s``
+* data / denoiser ``x̂0``: ``score = (m x̂0 − x) / s²``        (Tweedie: ``x̂0 = (x + s² score) / m``)
+* velocity ``v = m ε − s x̂0`` (Salimans & Ho 2022, generalised to any ``m, s``):
+  ``x̂0 = (m x − s v) / (m² + s²)``, ``ε = (s x + m v) / (m² + s²)``.
+
+Every ``from_*`` adapter returns a :class:`ScoreModel`: a callable ``score(x, t, **kwargs)`` that
+forwards extra keyword arguments (class labels, embeddings) to the network. Every ``*_from_score``
+function is the exact inverse, so round trips are identities up to rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from ._utils import as_batch_time, bcast
+
+if TYPE_CHECKING:
+    from .sde import LinearSDE
+
+__all__ = [
+    "ScoreModel",
+    "from_score",
+    "from_epsilon",
+    "from_denoiser",
+    "from_velocity",
+    "epsilon_from_score",
+    "denoiser_from_score",
+    "velocity_from_score",
+    "score_from_epsilon",
+    "score_from_denoiser",
+    "score_from_velocity",
+]
+
+Network = Callable[..., Tensor]
+
+
+def _kernel(sde: LinearSDE, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    if not hasattr(sde, "marginal"):
+        raise TypeError(f"parametrisation adapters need an affine SDE with marginal(t); got {type(sde).__name__}")
+    m, s = sde.marginal(as_batch_time(t, x))
+    return bcast(m.to(x.dtype), x), bcast(s.to(x.dtype), x)
+
+
+# -- pointwise conversions (exact inverses of one another) --------------------------------------
+def score_from_epsilon(sde: LinearSDE, x: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+    """``score = −ε / s(t)``."""
+    _, s = _kernel(sde, x, t)
+    return -eps / s
+
+
+def epsilon_from_score(sde: LinearSDE, x: Tensor, t: Tensor, score: Tensor) -> Tensor:
+    """``ε = −s(t) · score``."""
+    _, s = _kernel(sde, x, t)
+    return -s * score
+
+
+def score_from_denoiser(sde: LinearSDE, x: Tensor, t: Tensor, x0: Tensor) -> Tensor:
+    """``score = (m x̂0 − x) / s²``."""
+    m, s = _kernel(sde, x, t)
+    return (m * x0 - x) / s**2
+
+
+def denoiser_from_score(sde: LinearSDE, x: Tensor, t: Tensor, score: Tensor) -> Tensor:
+    """Tweedie's formula ``x̂0 = E[x_0 | x_t] = (x + s² score) / m``."""
+    m, s = _kernel(sde, x, t)
+    return (x + s**2 * score) / m
+
+
+def score_from_velocity(sde: LinearSDE, x: Tensor, t: Tensor, v: Tensor) -> Tensor:
+    """``score = −ε / s`` with ``ε = (s x + m v) / (m² + s²)``."""
+    m, s = _kernel(sde, x, t)
+    return -(s * x + m * v) / ((m**2 + s**2) * s)
+
+
+def velocity_from_score(sde: LinearSDE, x: Tensor, t: Tensor, score: Tensor) -> Tensor:
+    """``v = m ε − s x̂0`` computed from the score."""
+    m, s = _kernel(sde, x, t)
+    eps = -s * score
+    x0 = (x + s**2 * score) / m
+    return m * eps - s * x0
+
+
+# -- adapters -----------------------------------------------------------------------------------
+class ScoreModel:
+    """A network wrapped as a score function ``score(x, t, **kwargs) -> ∇ log p_t(x)``.
+
+    Args:
+        network: called as ``network(x, t, **kwargs)`` with ``t`` of shape ``(batch,)``.
+        sde: the affine SDE whose kernel converts the prediction (unused for ``"score"``).
+        parametrisation: ``"score"``, ``"epsilon"``, ``"denoiser"`` or ``"velocity"``.
+        time_input: optional map from continuous ``t`` to the network's time input
+            (e.g. ``lambda t: 999 * t`` for a DDPM-indexed network); default: ``t`` itself.
+    """
+
+    _CONVERT = {
+        "score": None,
+        "epsilon": score_from_epsilon,
+        "denoiser": score_from_denoiser,
+        "velocity": score_from_velocity,
+    }
+
+    def __init__(
+        self,
+        network: Network,
+        sde: LinearSDE | None = None,
+        parametrisation: str = "score",
+        *,
+        time_input: Callable[[Tensor], Tensor] | None = None,
+    ):
+        if not callable(network):
+            raise TypeError("network must be callable as network(x, t)")
+        if parametrisation not in self._CONVERT:
+            raise ValueError(f"parametrisation must be one of {sorted(self._CONVERT)}, got {parametrisation!r}")
+        if parametrisation != "score" and sde is None:
+            raise ValueError(f"parametrisation {parametrisation!r} needs the sde to convert to a score")
+        self.network = network
+        self.sde = sde
+        self.parametrisation = parametrisation
+        self.time_input = time_input
+
+    def prediction(self, x: Tensor, t: Tensor, **kwargs) -> Tensor:
+        """The raw network output in its own parametrisation."""
+        tb = as_batch_time(t, x)
+        t_in = self.time_input(tb) if self.time_input is not None else tb
+        return self.network(x, t_in, **kwargs)
+
+    def __call__(self, x: Tensor, t: Tensor, **kwargs) -> Tensor:
+        out = self.prediction(x, t, **kwargs)
+        if not isinstance(out, Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"network returned {got} for an input of shape {tuple(x.shape)}")
+        convert = self._CONVERT[self.parametrisation]
+        return out if convert is None else convert(self.sde, x, t, out.to(x.dtype))
+
+    def __repr__(self) -> str:
+        return f"ScoreModel({self.parametrisation}, sde={self.sde!r})"
+
+
+def from_score(network: Network, **kw) -> ScoreModel:
+    """A network that already predicts the score."""
+    return ScoreModel(network, None, "score", **kw)
+
+
+def from_epsilon(network: Network, sde: LinearSDE, **kw) -> ScoreModel:
+    """A noise-prediction network ``ε̂(x, t)`` (DDPM): ``score = −ε̂ / s(t)``."""
+    return ScoreModel(network, sde, "epsilon", **kw)
+
+
+def from_denoiser(network: Network, sde: LinearSDE, **kw) -> ScoreModel:
+    """A data-prediction network ``x̂0(x, t)``: ``score = (m x̂0 − x) / s²``."""
+    return ScoreModel(network, sde, "denoiser", **kw)
+
+
+def from_velocity(network: Network, sde: LinearSDE, **kw) -> ScoreModel:
+    """A velocity-prediction network ``v̂ = m ε − s x̂0`` (Salimans & Ho 2022)."""
+    return ScoreModel(network, sde, "velocity", **kw)
