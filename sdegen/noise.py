@@ -151,7 +151,10 @@ class PerSampleNoise:
 
     def uniform(self, shape, *, device, dtype):
         w, _ = self._words(tuple(shape), device)
-        return (w.to(torch.float64) * 2.0**-32).to(dtype)
+        u = w.to(torch.float64) * 2.0**-32
+        if dtype != torch.float64:  # rounding 1 - 2**-32 to a narrower dtype would give exactly 1.0
+            u = u.clamp_max(1.0 - torch.finfo(dtype).eps / 2)
+        return u.to(dtype)
 
     def normal(self, shape, *, device, dtype):
         w1, w2 = self._words(tuple(shape), device)

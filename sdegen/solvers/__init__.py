@@ -58,10 +58,10 @@ def get_solver(solver: str | Solver, **options: Any) -> Solver:
     if solver not in registry:
         raise ValueError(f"unknown solver {solver!r}; available: {', '.join(sorted(registry))}")
     cls = registry[solver]
-    params = inspect.signature(cls.__init__).parameters
+    params = inspect.signature(cls).parameters
     has_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     unknown = [k for k in options if k not in params and not has_var_kw]
     if unknown:
-        accepted = [k for k in params if k != "self"]
+        accepted = list(params)
         raise TypeError(f"solver {solver!r} got unknown option(s) {unknown}; it accepts {accepted}")
     return cls(**options)
