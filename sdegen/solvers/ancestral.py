@@ -1,0 +1,108 @@
+"""DDPM ancestral sampling (Ho et al. 2020, Alg. 2), written for any affine SDE through its kernel.
+
+For an affine forward SDE with kernel ``x_t = m(t) x_0 + s(t) z``, the forward transition from the
+lower time ``t'`` (= ``t_next``) to the higher time ``t`` is Gaussian::
+
+    x_t = a x_{t'} + b ξ,     a = m(t)/m(t'),     b² = s(t)² − a² s(t')².
+
+**Posterior.** ``q(x_{t'} | x_t, x_0) = N(μ̃, β̃ I)`` with ``μ̃ = (a s'²/s²) x_t + (m' b²/s²) x_0`` and
+``β̃ = s'² b² / s²``. Putting in Tweedie's ``x̂_0 = (x_t + s² ∇log p_t)/m`` and using
+``a² s'² + b² = s²`` gives the step (one network evaluation)::
+
+    x_{t'} = (x_t + b² ∇log p_t(x_t)) / a + std · z.
+
+For VP (``s² = 1 − m²``) write ``β = 1 − m(t)²/m(t')² = 1 − ᾱ_t/ᾱ_{t'}``: then ``a = √(1 − β)`` and
+``b² = β``, so the step is exactly DDPM's ``x_{t−1} = (x_t + β_t s)/√(1 − β_t) + σ_t z``
+(``s = −ε/√(1 − ᾱ_t)``). On the grid of a discrete DDPM schedule mapped to continuous VP time this
+*is* DDPM's chain. For VE (``a = 1``) it is ``x + (σ_t² − σ_{t'}²) s + std · z``.
+
+**Variance** (option ``variance``): ``"beta"`` (default) ``std² = b² = β_t`` — DDPM's ``σ_t² = β_t``
+and score_sde's ``AncestralSamplingPredictor`` for VP; ``"posterior"`` ``std² = β̃_t = s'² b²/s²`` —
+DDPM's other choice and score_sde's ancestral predictor for VE. (Ho et al. §3.2: ``β`` is optimal
+for ``x_0 ~ N(0, I)``, ``β̃`` for a point mass.)
+
+**Final step.** As in Alg. 2 (``z = 0`` at ``t = 1``), the step that lands on the last grid point
+adds no noise, whatever ``final_step`` says (a ``z`` is still drawn and multiplied by 0, so the noise
+stream does not depend on the grid position and no host sync is needed). Other solvers get the same
+behaviour from ``final_step="noiseless"``.
+
+Reverse SDE only (``noise_scale = 1``), affine SDEs only. It is a first-order (weak order 1)
+discretisation of the reverse SDE. NFE = 1 per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..noise import normal_like
+from .base import Solver
+
+__all__ = ["Ancestral", "transition"]
+
+VARIANCES = ("beta", "posterior")
+
+
+def transition(eq: Any, t: Tensor, t_next: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward transition ``x_t = a x_{t_next} + b ξ`` between two times of an affine SDE.
+
+    Returns ``(a, b², s(t_next)²/s(t)²)`` as 0-d tensors in the times' dtype (``b² >= 0``).
+    """
+    m, s = eq.marginal(torch.stack([t, t_next]))
+    a = m[0] / m[1]
+    b2 = torch.clamp(s[0] ** 2 - a**2 * s[1] ** 2, min=0.0)
+    return a, b2, (s[1] / s[0]) ** 2
+
+
+class Ancestral(Solver):
+    """DDPM ancestral sampling from the Gaussian posterior of an affine SDE's kernel (Ho et al. 2020, Alg. 2).
+
+    Args:
+        variance: ``"beta"`` (``b² = β_t``, default) or ``"posterior"`` (``β̃_t``); see the module docstring.
+    """
+
+    name = "ancestral"
+    order = 1.0
+    strong_order = None
+    weak_order = 1.0
+    supports_sde = True
+    supports_ode = False
+    nfe_per_step = 1
+
+    def __init__(self, variance: str = "beta"):
+        if variance not in VARIANCES:
+            raise ValueError(f"solver 'ancestral': variance must be one of {VARIANCES}, got {variance!r}")
+        self.variance = variance
+
+    def check(self, eq: Any) -> None:
+        super().check(eq)
+        if not getattr(eq, "has_marginal", False):
+            raise ValueError(
+                "solver 'ancestral' needs an affine SDE with a Gaussian kernel (VPSDE, VESDE, SubVPSDE, EDMSDE); "
+                "use 'euler_maruyama' for a general SDE"
+            )
+        if getattr(eq, "noise_scale", 1.0) != 1.0:
+            raise ValueError(
+                "solver 'ancestral' samples the reverse SDE (noise_scale=1); for an interpolation towards the "
+                "probability-flow ODE use 'ddim' (eta) or another solver"
+            )
+
+    def init_state(self, eq: Any, x: Tensor, times: Tensor) -> Tensor:
+        """The last grid time (0-d), where the step adds no noise."""
+        return times[-1]
+
+    def step(self, eq, x, t, t_next, noise, state):
+        a, b2, ratio = transition(eq, t, t_next)
+        score = eq.score(x, t)
+        x_next = (x + b2.to(x.dtype) * score) / a.to(x.dtype)
+        if noise is None:
+            return x_next, state
+        var = b2 if self.variance == "beta" else b2 * ratio
+        if state is not None:
+            var = torch.where(t_next <= state, torch.zeros_like(var), var)
+        return x_next + torch.sqrt(var).to(x.dtype) * normal_like(noise, x), state
+
+    def __repr__(self) -> str:
+        return f"Ancestral(variance={self.variance!r})"
