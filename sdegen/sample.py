@@ -187,9 +187,14 @@ def _concat(parts: list[Solution]) -> Solution:
     first = parts[0]
     traj = torch.cat([p.trajectory for p in parts], dim=1) if first.trajectory is not None else None
     stats: dict[str, Any] = {}
-    for p in parts:
-        for k, v in p.stats.items():
-            stats[k] = stats.get(k, 0) + v if isinstance(v, int | float) else v
+    for k, v in first.stats.items():
+        vals = [p.stats[k] for p in parts]
+        if isinstance(v, Tensor) and v.ndim > 0:
+            stats[k] = torch.cat(vals)  # per-sample counters follow the samples
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            stats[k] = sum(vals)
+        else:
+            stats[k] = vals
     return Solution(
         x=torch.cat([p.x for p in parts]),
         nfe=max(p.nfe for p in parts),
