@@ -10,6 +10,7 @@ The shortest program::
 from .errors import MaxStepsExceeded, NonFiniteError
 from .grids import make_grid
 from .integrate import Solution, integrate
+from .likelihood import LikelihoodInfo, bits_per_dim, decode, dequantization_offset, encode, log_likelihood
 from .models import ScoreModel, from_denoiser, from_epsilon, from_score, from_velocity
 from .noise import GeneratorNoise, PerSampleNoise
 from .reverse import ReverseSDE
@@ -29,6 +30,12 @@ __all__ = [
     "ReverseSDE",
     "reverse_sample",
     "forward_sample",
+    "log_likelihood",
+    "bits_per_dim",
+    "encode",
+    "decode",
+    "dequantization_offset",
+    "LikelihoodInfo",
     "integrate",
     "Solution",
     "make_grid",
