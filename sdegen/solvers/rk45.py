@@ -77,6 +77,12 @@ Func = Callable[..., Tensor]
 Norm = Callable[[Tensor], Tensor]
 
 
+def _pow(x: Tensor, p: float) -> Tensor:
+    """``x ** p`` as ``exp(p log x)``: on CPU ``Tensor.pow`` rounds a tensor's SIMD body and its scalar
+    tail differently (last bit), which would make a sample's step sizes depend on its batch position."""
+    return torch.exp(p * torch.log(x))
+
+
 def rms_norm(v: Tensor) -> Tensor:
     """Root-mean-square over all but the batch dimension: ``(n, *dims) -> (n,)``."""
     return v.reshape(v.shape[0], -1).pow(2).mean(dim=1).sqrt()
@@ -231,9 +237,9 @@ def solve_ivp_per_sample(
         en = norm(err / scale).to(torch.float64)
         finite = torch.isfinite(en) & torch.isfinite(ks[-1].reshape(ks[-1].shape[0], -1)).all(1)
         accept = (en <= 1.0) & finite
-        fac_acc = (safety * en.pow(-_EXPO) * err_old.pow(_BETA)).clamp(_FAC_MIN, _FAC_MAX)
+        fac_acc = (safety * _pow(en, -_EXPO) * _pow(err_old, _BETA)).clamp(_FAC_MIN, _FAC_MAX)
         fac_acc = torch.where(was_rejected, fac_acc.clamp_max(1.0), fac_acc)
-        fac_rej = (safety * en.pow(-_EXPO)).clamp(_FAC_MIN, 1.0)
+        fac_rej = (safety * _pow(en, -_EXPO)).clamp(_FAC_MIN, 1.0)
         h = hs * torch.where(accept, fac_acc, fac_rej)
         err_old = torch.where(accept, en.clamp_min(1e-4), err_old)
         was_rejected = ~accept
@@ -342,7 +348,7 @@ def _initial_step(call, y, t, f, a_args, direction, span, rtol, atol, norm, firs
     h1 = torch.where(
         dmax <= 1e-15,
         torch.clamp_min(h0 * 1e-3, 1e-6),
-        (0.01 / dmax.clamp_min(1e-300)).pow(1 / 5),
+        _pow(0.01 / dmax.clamp_min(1e-300), 1 / 5),
     )
     h = torch.minimum(100 * h0, h1).clamp_max(span)
     return torch.where(torch.isfinite(h) & (h > 0), h, torch.full_like(h, 1e-6).clamp_max(span))
