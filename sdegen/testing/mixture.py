@@ -96,7 +96,9 @@ class GaussianMixture:
         logp_k, sc_k = self._components(y, m.to(y.dtype), s.to(y.dtype))
         joint = logp_k + torch.log(self.weights)[None]
         logp = torch.logsumexp(joint, dim=1)
-        resp = torch.softmax(joint, dim=1)
+        # exp(joint - logp), not torch.softmax: on CPU softmax wakes the OpenMP pool for tiny inputs
+        # and costs milliseconds per call under load (measured 7 ms vs 20 µs for a (16, 2) input)
+        resp = torch.exp(joint - logp[:, None])
         score = (resp[..., None] * sc_k).sum(1)
         return logp, score.reshape(x.shape)
 
@@ -221,7 +223,7 @@ class PerturbedMixture:
     ) -> Tensor:
         """``n`` exact samples of ``p_t``, ``(n, d)``."""
         dev = torch.device(device) if device is not None else self.mixture.means.device
-        tb = as_batch_time(t, torch.empty(n, 1, device=dev)).to(torch.float64)
+        tb = as_batch_time(t, torch.empty(n, 1, device=dev, dtype=torch.float64))  # a float t stays float64
         m, s = self.sde.marginal(tb)
         return self.mixture._sample(n, m, s, generator, seed, device, dtype)
 
