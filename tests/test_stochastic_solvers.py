@@ -272,17 +272,17 @@ def test_ancestral_posterior_variance_is_ddim_eta_one():
     torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
-def test_ancestral_final_step_is_noise_free():
+def test_ancestral_final_step_follows_the_integrator_option():
+    """The last step is noise-free exactly when final_step='noiseless' (DDPM Alg. 2's z = 0 at t = 1)."""
     sde = VPSDE()
-    eq = ReverseSDE(sde, GM.perturbed(sde).score)
-    solver = get_solver("ancestral")
-    times = torch.tensor([1.0, 0.5, 0.01], dtype=torch.float64)
-    x = torch.randn(5, 2, generator=_gen(0), dtype=torch.float64)
-    state = solver.init_state(eq, x, times)
-    last = [solver.step(eq, x, times[1], times[2], GeneratorNoise(_gen(s)), state)[0] for s in (1, 2)]
-    inner = [solver.step(eq, x, times[0], times[1], GeneratorNoise(_gen(s)), state)[0] for s in (1, 2)]
-    torch.testing.assert_close(last[0], last[1], rtol=0, atol=0)
-    assert not torch.allclose(inner[0], inner[1])
+    score = GM.perturbed(sde).score
+    x_T = torch.randn(5, 2, generator=_gen(0), dtype=torch.float64)
+    times = torch.tensor([1.0, 0.01], dtype=torch.float64)  # one step: the last one
+    run = lambda seed, final: reverse_sample(
+        sde, score, x_T=x_T, times=times, solver="ancestral", final_step=final, generator=_gen(seed)
+    )
+    torch.testing.assert_close(run(1, "noiseless"), run(2, "noiseless"), rtol=0, atol=0)
+    assert not torch.allclose(run(1, "none"), run(2, "none"))
 
 
 def test_reverse_diffusion_matches_score_sde_formulas():

@@ -21,10 +21,11 @@ and score_sde's ``AncestralSamplingPredictor`` for VP; ``"posterior"`` ``std² =
 DDPM's other choice and score_sde's ancestral predictor for VE. (Ho et al. §3.2: ``β`` is optimal
 for ``x_0 ~ N(0, I)``, ``β̃`` for a point mass.)
 
-**Final step.** As in Alg. 2 (``z = 0`` at ``t = 1``), the step that lands on the last grid point
-adds no noise, whatever ``final_step`` says (a ``z`` is still drawn and multiplied by 0, so the noise
-stream does not depend on the grid position and no host sync is needed). Other solvers get the same
-behaviour from ``final_step="noiseless"``.
+**Final step.** DDPM's Alg. 2 draws no noise on its last step (``z = 0`` at ``t = 1``). Here, as for
+every solver, that is the integrator's ``final_step`` option, not a special case in the solver:
+``final_step="noiseless"`` drops the noise of the step onto ``t_min``, and ``final_step="tweedie"``
+adds DDPM's last step to ``ᾱ = 1`` (``x̂_0 = E[x_0 | x_{t_min}]``) — with a discrete schedule's grid
+that reproduces ``diffusers.DDPMScheduler`` exactly.
 
 Reverse SDE only (``noise_scale = 1``), affine SDEs only. It is a first-order (weak order 1)
 discretisation of the reverse SDE. NFE = 1 per step.
@@ -89,10 +90,6 @@ class Ancestral(Solver):
                 "probability-flow ODE use 'ddim' (eta) or another solver"
             )
 
-    def init_state(self, eq: Any, x: Tensor, times: Tensor) -> Tensor:
-        """The last grid time (0-d), where the step adds no noise."""
-        return times[-1]
-
     def step(self, eq, x, t, t_next, noise, state):
         a, b2, ratio = transition(eq, t, t_next)
         score = eq.score(x, t)
@@ -100,8 +97,6 @@ class Ancestral(Solver):
         if noise is None:
             return x_next, state
         var = b2 if self.variance == "beta" else b2 * ratio
-        if state is not None:
-            var = torch.where(t_next <= state, torch.zeros_like(var), var)
         return x_next + torch.sqrt(var).to(x.dtype) * normal_like(noise, x), state
 
     def __repr__(self) -> str:
