@@ -28,6 +28,24 @@ def _default_chunk(x: Tensor) -> int:
     return max(1, min(per, (1 << 22) // max(1, x.numel())))
 
 
+def _batched_vjp(y: Tensor, xg: Tensor, grads: Tensor, *, retain_graph: bool) -> Tensor:
+    """``grads[k]ᵀ J`` for every ``k`` (``(K, *x.shape)``), batched with vmap when the model allows.
+
+    Some models cannot run their backward under vmap (e.g. attention in diffusers UNets: "NYI: querying
+    is_contiguous inside of vmap"); then the products are taken one by one — same values, K passes.
+    """
+    try:  # the graph is retained so that a failed attempt leaves it intact for the fallback
+        return torch.autograd.grad(y, xg, grads, retain_graph=True, is_grads_batched=True)[0]
+    except RuntimeError as err:
+        if "vmap" not in str(err) and "batched" not in str(err).lower():
+            raise
+    rows = [
+        torch.autograd.grad(y, xg, g, retain_graph=retain_graph or k < grads.shape[0] - 1)[0]
+        for k, g in enumerate(grads)
+    ]
+    return torch.stack(rows)
+
+
 def jacobian_diagonal(fn: Field, x: Tensor, *, chunk_size: int | None = None) -> Tensor:
     """Exact diagonal ``∂fn(x)_i / ∂x_i`` of a per-sample field, shaped like ``x``.
 
@@ -54,9 +72,7 @@ def jacobian_diagonal(fn: Field, x: Tensor, *, chunk_size: int | None = None) ->
             stop = min(per, start + chunk)
             basis = eye[start:stop]  # (c, per)
             grads = basis[:, None, :].expand(stop - start, batch, per).reshape(-1, *x.shape)
-            (cols,) = torch.autograd.grad(
-                y, xg, grads, retain_graph=stop < per, is_grads_batched=True
-            )  # (c, batch, *dims): row j = e_jᵀ J for every sample
+            cols = _batched_vjp(y, xg, grads, retain_graph=stop < per)  # row j = e_jᵀ J for every sample
             cols = cols.reshape(stop - start, batch, per)
             idx = torch.arange(start, stop, device=x.device)
             diag[:, start:stop] = cols[torch.arange(stop - start, device=x.device), :, idx].T
@@ -83,6 +99,6 @@ def divergence_hutchinson(fn: Field, x: Tensor, probes: Tensor) -> tuple[Tensor,
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
         y = fn(xg)
-        (vjp,) = torch.autograd.grad(y, xg, probes.to(y.dtype), is_grads_batched=True)
+        vjp = _batched_vjp(y, xg, probes.to(y.dtype), retain_graph=False)
     est = (vjp * probes).reshape(probes.shape[0], x.shape[0], -1).sum(-1).mean(0)
     return est.detach(), y.detach()
