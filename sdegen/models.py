@@ -162,3 +162,57 @@ def from_denoiser(network: Network, sde: LinearSDE, **kw) -> ScoreModel:
 def from_velocity(network: Network, sde: LinearSDE, **kw) -> ScoreModel:
     """A velocity-prediction network ``v̂ = m ε − s x̂0`` (Salimans & Ho 2022)."""
     return ScoreModel(network, sde, "velocity", **kw)
+
+
+# -- third-party models and guidance (thin re-exports; the optional packages are never imported here) ---
+def from_diffusers(model, scheduler, **kw):
+    """``(sde, score)`` for a ``diffusers`` model and its DDPM-style scheduler.
+
+    See :func:`sdegen.integrations.diffusers.from_diffusers`.
+    """
+    from .integrations.diffusers import from_diffusers as impl
+
+    return impl(model, scheduler, **kw)
+
+
+def from_k_diffusion(denoiser, **kw):
+    """``(sde, score)`` on ``EDMSDE`` for a k-diffusion/EDM denoiser ``D(x, σ)``.
+
+    See :func:`sdegen.integrations.kdiffusion.from_k_diffusion`.
+    """
+    from .integrations.kdiffusion import from_k_diffusion as impl
+
+    return impl(denoiser, **kw)
+
+
+def edm_precondition(raw_net, sigma_data: float = 0.5):
+    """EDM preconditioning ``D = c_skip x + c_out F(c_in x, c_noise)`` (Karras et al. 2022, Table 1).
+
+    See :func:`sdegen.integrations.kdiffusion.edm_precondition`.
+    """
+    from .integrations.kdiffusion import edm_precondition as impl
+
+    return impl(raw_net, sigma_data)
+
+
+def classifier_free(model, w, **kw):
+    """Classifier-free guidance ``s_u + w (s_c − s_u)`` in one batched call.
+
+    See :func:`sdegen.guidance.classifier_free`.
+    """
+    from .guidance import classifier_free as impl
+
+    return impl(model, w, **kw)
+
+
+def classifier_guidance(score, log_prob_y, scale=1.0, **kw):
+    """Classifier guidance ``score + scale ∇ log p_t(y | x)``.
+
+    See :func:`sdegen.guidance.classifier_guidance`.
+    """
+    from .guidance import classifier_guidance as impl
+
+    return impl(score, log_prob_y, scale, **kw)
+
+
+__all__ += ["from_diffusers", "from_k_diffusion", "edm_precondition", "classifier_free", "classifier_guidance"]
