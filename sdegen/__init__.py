@@ -7,11 +7,22 @@ The shortest program::
     x = reverse_sample(sde, score_model, shape=(16, 2), solver="heun", steps=100)
 """
 
+from .discrete import DiscreteVPSDE
 from .errors import MaxStepsExceeded, NonFiniteError
+from .guidance import classifier_free, classifier_guidance
 from .grids import make_grid
 from .integrate import Solution, integrate
 from .likelihood import LikelihoodInfo, bits_per_dim, decode, dequantization_offset, encode, log_likelihood
-from .models import ScoreModel, from_denoiser, from_epsilon, from_score, from_velocity
+from .models import (
+    ScoreModel,
+    edm_precondition,
+    from_denoiser,
+    from_diffusers,
+    from_epsilon,
+    from_k_diffusion,
+    from_score,
+    from_velocity,
+)
 from .noise import GeneratorNoise, PerSampleNoise
 from .reverse import ReverseSDE
 from .sample import forward_sample, reverse_sample
@@ -27,6 +38,7 @@ __all__ = [
     "VESDE",
     "SubVPSDE",
     "EDMSDE",
+    "DiscreteVPSDE",
     "ReverseSDE",
     "reverse_sample",
     "forward_sample",
@@ -44,6 +56,11 @@ __all__ = [
     "from_epsilon",
     "from_denoiser",
     "from_velocity",
+    "from_diffusers",
+    "from_k_diffusion",
+    "edm_precondition",
+    "classifier_free",
+    "classifier_guidance",
     "GeneratorNoise",
     "PerSampleNoise",
     "available_solvers",
