@@ -9,8 +9,8 @@ The shortest program::
 
 from .discrete import DiscreteVPSDE
 from .errors import MaxStepsExceeded, NonFiniteError
-from .guidance import classifier_free, classifier_guidance
 from .grids import make_grid
+from .guidance import classifier_free, classifier_guidance
 from .integrate import Solution, integrate
 from .likelihood import LikelihoodInfo, bits_per_dim, decode, dequantization_offset, encode, log_likelihood
 from .models import (
