@@ -29,13 +29,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._batching import batch_noise, chunk_kwargs, chunk_noise, chunks
 from ._utils import time_dtype
 from .divergence import divergence_exact, divergence_hutchinson
 from .errors import MaxStepsExceeded, NonFiniteError
-from .noise import NoiseSource, PerSampleNoise, make_noise, normal_like, rademacher_like
+from .noise import NoiseSource, normal_like, rademacher_like
 from .reverse import ReverseSDE, ScoreFn
 from .sde import SDE
-from .solvers.rk45 import equation_field, rms_norm, solve_ivp_per_sample
+from .solvers.rk45 import check_tolerances, equation_field, rms_norm, solve_ivp_per_sample
 
 __all__ = [
     "log_likelihood",
@@ -109,16 +110,6 @@ def _check_solver(solver: Any) -> str:
     raise ValueError(f"solver must be 'rk45' or 'torchdiffeq:<method>', got {solver!r}")
 
 
-def _check_tol(rtol: Any, atol: Any) -> None:
-    for name, v in (("rtol", rtol), ("atol", atol)):
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-            raise TypeError(f"{name} must be a finite number, got {v!r}")
-    if rtol <= 0:
-        raise ValueError(f"rtol must be > 0, got {rtol}")
-    if atol < 0:
-        raise ValueError(f"atol must be >= 0, got {atol}")
-
-
 def _interval(sde: SDE, t_min: float, t_max: float | None) -> tuple[float, float]:
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be an sdegen.SDE, got {type(sde).__name__}")
@@ -129,37 +120,6 @@ def _interval(sde: SDE, t_min: float, t_max: float | None) -> tuple[float, float
     if not 0 < t_min < hi <= sde.T * (1 + 1e-12):
         raise ValueError(f"need 0 < t_min < t_max <= T={sde.T}, got t_min={t_min}, t_max={hi}")
     return float(t_min), float(hi)
-
-
-def _chunks(batch: int, max_batch: int | None) -> list[slice]:
-    if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
-        raise ValueError(f"max_batch must be a positive int or None, got {max_batch!r}")
-    size = max_batch or batch
-    return [slice(s, min(batch, s + size)) for s in range(0, batch, size)]
-
-
-def _noise(generator, seed, sample_ids, x: Tensor) -> NoiseSource:
-    batch = x.shape[0]
-    if sample_ids is not None:
-        if not isinstance(sample_ids, Tensor) or sample_ids.shape != (batch,):
-            raise ValueError(f"sample_ids must be an integer tensor of shape (batch,)={(batch,)}")
-    if seed is not None and sample_ids is None:
-        sample_ids = torch.arange(batch, device=x.device)
-    return make_noise(generator, seed, sample_ids)
-
-
-def _chunk_noise(noise: NoiseSource, sl: slice, batch: int) -> NoiseSource:
-    """Per-sample noise restarts its draw counter per chunk, so chunking does not change any draw."""
-    if isinstance(noise, PerSampleNoise) and (sl.start, sl.stop) != (0, batch):
-        return PerSampleNoise(noise.seed, noise.sample_ids[sl])
-    return noise
-
-
-def _chunk_kwargs(model_kwargs: dict, batch: int, sl: slice) -> dict:
-    return {
-        k: v[sl] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == batch else v
-        for k, v in model_kwargs.items()
-    }
 
 
 # -- the ODE solve ------------------------------------------------------------------------------------
@@ -354,7 +314,7 @@ def _common(sde, score, x, trace, probes, noise, solver, rtol, atol, t_min, t_ma
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     solver = _check_solver(solver)
-    _check_tol(rtol, atol)
+    check_tolerances(rtol, atol)
     t0, t1 = _interval(sde, t_min, t_max)
     if prior_log_prob is None:
         if not hasattr(sde, "prior_log_prob"):
@@ -438,12 +398,12 @@ def log_likelihood(
     """
     opts, model_kwargs = _common(sde, score, x, trace, probes, noise, solver, rtol, atol, t_min, t_max,
                                  prior_log_prob, model_kwargs, chunk_size, solver_options)
-    src = _noise(generator, seed, sample_ids, x)
+    src = batch_noise(generator, seed, sample_ids, x.shape[0], x.device)
     batch = x.shape[0]
     lls, infos = [], []
-    for sl in _chunks(batch, max_batch):
-        ll, info = _ll_chunk(sde, score, x[sl], _chunk_noise(src, sl, batch),
-                             model_kwargs=_chunk_kwargs(model_kwargs, batch, sl), **opts)
+    for sl in chunks(batch, max_batch):
+        ll, info = _ll_chunk(sde, score, x[sl], chunk_noise(src, sl, batch),
+                             model_kwargs=chunk_kwargs(model_kwargs, batch, sl), **opts)
         lls.append(ll)
         infos.append(info)
     ll = torch.cat(lls)
@@ -560,17 +520,17 @@ def bits_per_dim(
             f"x is not on the grid a + (b - a) k / (n_bins - 1), k in 0..{n_bins - 1}, with data_range={data_range} "
             f"and n_bins={n_bins}: check data_range and n_bins (data must be scaled, not dequantised)"
         )
-    src = _noise(generator, seed, sample_ids, x)
+    src = batch_noise(generator, seed, sample_ids, x.shape[0], x.device)
     batch, d = x.shape[0], math.prod(x.shape[1:])
     bpds, infos = [], []
-    for sl in _chunks(batch, max_batch):
-        chunk_noise = _chunk_noise(src, sl, batch)
+    for sl in chunks(batch, max_batch):
+        part_noise = chunk_noise(src, sl, batch)
         draws, chunk_infos = [], []
         for _ in range(repeats):
             kk = k[sl]
-            u = chunk_noise.uniform(tuple(kk.shape), device=x.device, dtype=torch.float64) if dequantize else 0.5
+            u = part_noise.uniform(tuple(kk.shape), device=x.device, dtype=torch.float64) if dequantize else 0.5
             y = (a + (b - a) * (kk + u) / n_bins).to(x.dtype)
-            ll, info = _ll_chunk(sde, score, y, chunk_noise, model_kwargs=_chunk_kwargs(model_kwargs, batch, sl),
+            ll, info = _ll_chunk(sde, score, y, part_noise, model_kwargs=chunk_kwargs(model_kwargs, batch, sl),
                                  **opts)
             draws.append(-ll / (d * math.log(2.0)) + offset)
             chunk_infos.append(info)
@@ -593,14 +553,14 @@ def _flow(sde, score, x, t0, t1, *, solver, rtol, atol, max_batch, model_kwargs,
     if not callable(score):
         raise TypeError("score must be a callable score(x, t)")
     solver = _check_solver(solver)
-    _check_tol(rtol, atol)
+    check_tolerances(rtol, atol)
     if solver_options is not None and not isinstance(solver_options, dict):
         raise TypeError("solver_options must be a dict or None")
     model_kwargs = dict(model_kwargs or {})
     batch = x.shape[0]
     outs, infos = [], []
-    for sl in _chunks(batch, max_batch):
-        eq = ReverseSDE(sde, score, 0.0, model_kwargs=_chunk_kwargs(model_kwargs, batch, sl))
+    for sl in chunks(batch, max_batch):
+        eq = ReverseSDE(sde, score, 0.0, model_kwargs=chunk_kwargs(model_kwargs, batch, sl))
         func, args = equation_field(eq, sl.stop - sl.start)
         with torch.no_grad():
             end, stats = _ode_solve(func, x[sl].detach(), t0, t1, solver=solver, rtol=float(rtol), atol=float(atol),

@@ -12,9 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._batching import batch_noise, chunk_kwargs, chunk_noise, chunks
 from .grids import check_times, make_grid
 from .integrate import Solution, integrate
-from .noise import NoiseSource, make_noise
+from .noise import NoiseSource
 from .reverse import ReverseSDE, ScoreFn
 from .sde import SDE, LinearSDE
 from .solvers import PathSolver, Solver, get_solver
@@ -44,14 +45,6 @@ def _check_shape(shape) -> tuple[int, ...]:
     if len(shape) < 2 or any(s < 1 for s in shape):
         raise ValueError(f"shape must be (batch, *dims) with positive sizes, got {shape}")
     return shape
-
-
-def _chunk_kwargs(model_kwargs: dict, batch: int, sl: slice) -> dict:
-    """Slice every tensor kwarg whose leading dimension is the batch."""
-    return {
-        k: v[sl] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == batch else v
-        for k, v in model_kwargs.items()
-    }
 
 
 def reverse_sample(
@@ -140,25 +133,18 @@ def reverse_sample(
         grid_t = check_times(torch.tensor([hi, lo], dtype=torch.float64), sde)
     else:
         grid_t = make_grid(grid, sde, steps, t_min=t_min, t_max=t_max)
-    if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
-        raise ValueError(f"max_batch must be a positive int or None, got {max_batch!r}")
-    if sample_ids is not None and sample_ids.shape != (batch,):
-        raise ValueError(f"sample_ids must have shape (batch,)={(batch,)}, got {tuple(sample_ids.shape)}")
-    if seed is not None and sample_ids is None:
-        sample_ids = torch.arange(batch, device=device)
-    noise = make_noise(generator, seed, sample_ids)
+    parts_sl = chunks(batch, max_batch)
+    noise = batch_noise(generator, seed, sample_ids, batch, device)
     model_kwargs = dict(model_kwargs or {})
 
-    chunk = max_batch or batch
     parts: list[Solution] = []
-    for start in range(0, batch, chunk):
-        sl = slice(start, min(batch, start + chunk))
-        part_noise: NoiseSource = noise if chunk >= batch else _chunk_noise(noise, sl)
+    for sl in parts_sl:
+        part_noise = chunk_noise(noise, sl, batch)
         if x_T is not None:
             x0 = x_T[sl]
         else:
             x0 = _prior(sde, (sl.stop - sl.start, *shape[1:]), part_noise, device, dtype)
-        eq = ReverseSDE(sde, score, noise_scale, model_kwargs=_chunk_kwargs(model_kwargs, batch, sl))
+        eq = ReverseSDE(sde, score, noise_scale, model_kwargs=chunk_kwargs(model_kwargs, batch, sl))
         parts.append(
             integrate(
                 eq, x0, grid_t, slv, part_noise, save_at=save_at, callback=callback,
@@ -167,14 +153,6 @@ def reverse_sample(
         )
     sol = parts[0] if len(parts) == 1 else _concat(parts)
     return sol if return_info else sol.x
-
-
-def _chunk_noise(noise: NoiseSource, sl: slice) -> NoiseSource:
-    from .noise import PerSampleNoise
-
-    if isinstance(noise, PerSampleNoise):
-        return PerSampleNoise(noise.seed, noise.sample_ids[sl])
-    return noise
 
 
 def _prior(sde: SDE, shape, noise: NoiseSource, device, dtype) -> Tensor:
@@ -217,6 +195,4 @@ def forward_sample(
     """Draw ``x_t ~ p(x_t | x_0)`` exactly from the Gaussian kernel of an affine SDE."""
     if not isinstance(sde, LinearSDE):
         raise TypeError(f"forward_sample needs an affine SDE with a Gaussian kernel, got {type(sde).__name__}")
-    if seed is not None and sample_ids is None:
-        sample_ids = torch.arange(x0.shape[0], device=x0.device)
-    return sde.forward_sample(x0, t, noise=make_noise(generator, seed, sample_ids))
+    return sde.forward_sample(x0, t, noise=batch_noise(generator, seed, sample_ids, x0.shape[0], x0.device))

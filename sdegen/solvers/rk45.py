@@ -97,14 +97,21 @@ def _combine(y: Tensor, h: Tensor, ks: Sequence[Tensor], coefs: Sequence[float])
     return y if acc is None else y + bcast(h.to(y.dtype), y) * acc
 
 
-def _check_options(rtol, atol, first_step, max_steps, safety) -> None:
-    for name, v in (("rtol", rtol), ("atol", atol), ("safety", safety)):
+def check_tolerances(rtol: Any, atol: Any) -> None:
+    """``rtol > 0`` and ``atol >= 0``, finite numbers; errors name the argument."""
+    for name, v in (("rtol", rtol), ("atol", atol)):
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
             raise TypeError(f"{name} must be a finite number, got {v!r}")
     if rtol <= 0:
         raise ValueError(f"rtol must be > 0, got {rtol}")
     if atol < 0:
         raise ValueError(f"atol must be >= 0, got {atol}")
+
+
+def _check_options(rtol, atol, first_step, max_steps, safety) -> None:
+    check_tolerances(rtol, atol)
+    if isinstance(safety, bool) or not isinstance(safety, int | float) or not math.isfinite(safety):
+        raise TypeError(f"safety must be a finite number, got {safety!r}")
     if not 0 < safety <= 1:
         raise ValueError(f"safety must lie in (0, 1], got {safety}")
     if first_step is not None:
