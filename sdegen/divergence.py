@@ -28,22 +28,34 @@ def _default_chunk(x: Tensor) -> int:
     return max(1, min(per, (1 << 22) // max(1, x.numel())))
 
 
-def _batched_vjp(y: Tensor, xg: Tensor, grads: Tensor, *, retain_graph: bool) -> Tensor:
-    """``grads[k]ᵀ J`` for every ``k`` (``(K, *x.shape)``), batched with vmap when the model allows.
+class _VJP:
+    """``grads[k]ᵀ J`` for every ``k`` (``(K, *x.shape)``) of ``y = fn(x)``, batched with vmap when possible.
 
     Some models cannot run their backward under vmap (e.g. attention in diffusers UNets: "NYI: querying
-    is_contiguous inside of vmap"); then the products are taken one by one — same values, K passes.
+    is_contiguous inside of vmap"). A failed batched backward may already have freed part of the graph,
+    so the forward pass is recomputed once and the products are then taken one by one (same values).
     """
-    try:  # the graph is retained so that a failed attempt leaves it intact for the fallback
-        return torch.autograd.grad(y, xg, grads, retain_graph=True, is_grads_batched=True)[0]
-    except RuntimeError as err:
-        if "vmap" not in str(err) and "batched" not in str(err).lower():
-            raise
-    rows = [
-        torch.autograd.grad(y, xg, g, retain_graph=retain_graph or k < grads.shape[0] - 1)[0]
-        for k, g in enumerate(grads)
-    ]
-    return torch.stack(rows)
+
+    def __init__(self, fn: Field, xg: Tensor):
+        self.fn, self.xg = fn, xg
+        self.y = fn(xg)
+        self.batched = True
+
+    def __call__(self, grads: Tensor, *, retain_graph: bool) -> Tensor:
+        if self.batched:
+            try:
+                return torch.autograd.grad(self.y, self.xg, grads, retain_graph=retain_graph, is_grads_batched=True)[0]
+            except RuntimeError as err:
+                if "vmap" not in str(err) and "batched" not in str(err).lower():
+                    raise
+                self.batched = False
+                self.y = self.fn(self.xg)
+        last = grads.shape[0] - 1
+        rows = [
+            torch.autograd.grad(self.y, self.xg, g, retain_graph=retain_graph or k < last)[0]
+            for k, g in enumerate(grads)
+        ]
+        return torch.stack(rows)
 
 
 def jacobian_diagonal(fn: Field, x: Tensor, *, chunk_size: int | None = None) -> Tensor:
@@ -63,7 +75,8 @@ def jacobian_diagonal(fn: Field, x: Tensor, *, chunk_size: int | None = None) ->
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
-        y = fn(xg)
+        vjp = _VJP(fn, xg)
+        y = vjp.y
         if y.shape != x.shape:
             raise ValueError(f"field returned shape {tuple(y.shape)}, expected {tuple(x.shape)}")
         diag = torch.empty(batch, per, device=x.device, dtype=y.dtype)
@@ -72,7 +85,7 @@ def jacobian_diagonal(fn: Field, x: Tensor, *, chunk_size: int | None = None) ->
             stop = min(per, start + chunk)
             basis = eye[start:stop]  # (c, per)
             grads = basis[:, None, :].expand(stop - start, batch, per).reshape(-1, *x.shape)
-            cols = _batched_vjp(y, xg, grads, retain_graph=stop < per)  # row j = e_jᵀ J for every sample
+            cols = vjp(grads, retain_graph=stop < per)  # row j = e_jᵀ J for every sample
             cols = cols.reshape(stop - start, batch, per)
             idx = torch.arange(start, stop, device=x.device)
             diag[:, start:stop] = cols[torch.arange(stop - start, device=x.device), :, idx].T
@@ -98,7 +111,8 @@ def divergence_hutchinson(fn: Field, x: Tensor, probes: Tensor) -> tuple[Tensor,
     """
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
-        y = fn(xg)
-        vjp = _batched_vjp(y, xg, probes.to(y.dtype), retain_graph=False)
+        products = _VJP(fn, xg)
+        vjp = products(probes.to(products.y.dtype), retain_graph=False)
+        y = products.y
     est = (vjp * probes).reshape(probes.shape[0], x.shape[0], -1).sum(-1).mean(0)
     return est.detach(), y.detach()
