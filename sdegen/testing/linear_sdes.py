@@ -323,8 +323,8 @@ class BrownianPath:
         device: where the increments live (default CPU).
 
     Attributes:
-        times: ``(N + 1,)`` float64 CPU grid. increments: ``(N, batch, *dims)`` float64,
-        ``ΔW_k ~ N(0, |t_{k+1} − t_k| I)`` independent.
+        times: ``(N + 1,)`` float64 CPU grid.
+        increments: ``(N, batch, *dims)`` float64, independent ``ΔW_k ~ N(0, |t_{k+1} − t_k| I)``.
     """
 
     def __init__(
