@@ -111,27 +111,36 @@ def integrate(
     else:
         n = times_cpu.shape[0] - 1
         state = solver.init_state(eq, x, tdev)
-        bad_step = torch.full((), -1, dtype=torch.long, device=x.device) if check_finite else None
+        tlist = tdev.unbind()  # views of every grid time, made once (no per-step indexing op)
+        prepare = getattr(eq, "prepare_grid", None)
+        if prepare is not None:
+            prepare(tlist, x)  # per-time coefficients in one vectorised pass (ReverseSDE)
+        minmax: list[tuple[Tensor, Tensor]] = []  # per-step (min, max) of the state: NaN/Inf check
         nfe_at_step: list[int] = []
-        if 0 in save_idx:
+        save_set = set(save_idx)
+        if 0 in save_set:
             traj.append(x)
         steps = range(n)
         if progress:
             from tqdm.auto import tqdm
 
             steps = tqdm(steps, desc=f"sdegen {solver.name}")
-        for i in steps:
-            step_noise = None if (final_step == "noiseless" and i == n - 1) else noise
-            x, state = solver.step(eq, x, tdev[i], tdev[i + 1], step_noise, state)
-            nfe_at_step.append(eq.nfe)
-            if bad_step is not None:
-                bad_step = torch.where(~torch.isfinite(x).all() & (bad_step < 0), i, bad_step)
-            if i + 1 in save_idx:
-                traj.append(x)
-            if callback is not None:
-                callback(i, tdev[i + 1], x)
-        if bad_step is not None:
-            _raise_if_bad(eq, solver, times_cpu, bad_step, nfe_at_step, nfe0)
+        try:
+            for i in steps:
+                step_noise = None if (final_step == "noiseless" and i == n - 1) else noise
+                x, state = solver.step(eq, x, tlist[i], tlist[i + 1], step_noise, state)
+                nfe_at_step.append(eq.nfe)
+                if check_finite:
+                    minmax.append(torch.aminmax(x.detach()))  # all finite <=> min and max finite; one pass, no sync
+                if i + 1 in save_set:
+                    traj.append(x)
+                if callback is not None:
+                    callback(i, tlist[i + 1], x)
+        finally:
+            if prepare is not None:
+                prepare(None)  # drop the per-grid cache even when a step raises
+        if check_finite:
+            _raise_if_bad(eq, solver, times_cpu, _first_bad_step(minmax, x.device), nfe_at_step, nfe0)
 
     if final_step == "tweedie":
         x = eq.denoise(x, tdev[-1])
@@ -142,6 +151,18 @@ def integrate(
     trajectory = torch.stack(traj) if traj else None
     traj_times = times_cpu[save_idx].to(tdev.device, tdev.dtype) if traj else None
     return Solution(x=x, nfe=eq.nfe - nfe0, times=tdev, trajectory=trajectory, trajectory_times=traj_times, stats=stats)
+
+
+def _first_bad_step(minmax: list[tuple[Tensor, Tensor]], device: torch.device) -> Tensor:
+    """Index of the first step whose state had a NaN/Inf, or -1, as a device tensor (no sync)."""
+    if not minmax:
+        return torch.full((), -1, dtype=torch.long, device=device)
+    lo = torch.stack([m[0] for m in minmax])
+    hi = torch.stack([m[1] for m in minmax])
+    finite = torch.isfinite(lo) & torch.isfinite(hi)
+    idx = torch.arange(len(minmax), device=finite.device)
+    first = torch.where(finite, len(minmax), idx).min()
+    return torch.where(finite.all(), -1, first)
 
 
 def _raise_if_bad(eq, solver, times_cpu, bad_step, nfe_at_step, nfe0) -> None:

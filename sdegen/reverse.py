@@ -15,18 +15,20 @@ returned a non-finite value, so the integrator can report it after the loop.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from ._utils import as_batch_time, bcast
+from ._utils import as_batch_time, bcast, time_dtype
 
 if TYPE_CHECKING:
     from .sde import SDE
 
 __all__ = ["ReverseSDE", "ScoreFn"]
+
+_FOLD_EVERY = 1024  # evaluations between folds of the non-finite flags (bounds their memory)
 
 ScoreFn = Callable[..., Tensor]
 """A score model: ``score(x, t) -> ∇_x log p_t(x)`` with ``x`` ``(batch, *dims)``, ``t`` ``(batch,)``."""
@@ -47,7 +49,7 @@ class ReverseSDE:
     """
 
     def __init__(self, sde: SDE, score: ScoreFn, noise_scale: float = 1.0, *, model_kwargs: dict | None = None):
-        from .sde import SDE
+        from .sde import SDE, LinearSDE
 
         if not isinstance(sde, SDE):
             raise TypeError(f"sde must be an sdegen.SDE, got {type(sde).__name__}")
@@ -64,7 +66,24 @@ class ReverseSDE:
         self.T = sde.T
         self.t_min = sde.t_min
         self.nfe = 0
-        self._bad_eval: Tensor | None = None  # first NFE index with a non-finite score, on device
+        # affine drift a(t) x and additive g(t) not overridden anywhere: drift_from_score may then
+        # compute the per-step coefficients on a scalar time directly (fewer ops per step)
+        cls = type(sde)
+        self._affine = (
+            isinstance(sde, LinearSDE)
+            and not sde.state_dependent
+            and cls.drift is SDE.drift
+            and cls.diffusion is SDE.diffusion
+            and cls._linear_drift is LinearSDE._linear_drift
+            and cls._linear_diffusion is LinearSDE._linear_diffusion
+            and getattr(sde._drift, "__func__", None) is LinearSDE._linear_drift
+            and getattr(sde._diffusion, "__func__", None) is LinearSDE._linear_diffusion
+        )
+        # non-finite tracking without a sync: one aminmax per evaluation, folded into the index of
+        # the first bad evaluation (a device tensor) when read or every _FOLD_EVERY evaluations
+        self._minmax: list[tuple[Tensor, Tensor]] = []
+        self._first_bad: Tensor | None = None
+        self._grid: dict[int, tuple] | None = None  # see prepare_grid
 
     # -- structure the solvers may use -------------------------------------------------------------
     @property
@@ -88,10 +107,44 @@ class ReverseSDE:
             raise TypeError(f"{type(self.sde).__name__} has no closed-form marginal (m, s)")
         return self.sde.marginal(t)
 
+    def prepare_grid(self, times: Sequence[Tensor] | None, x: Tensor | None = None) -> None:
+        """Precompute per-time values for a fixed-step loop over ``times`` (``None``: forget them).
+
+        ``times`` are the 0-d grid tensors the loop will pass as ``t`` (the same objects); ``x`` a
+        state of the loop's batch, dtype and device. For each grid time this stores the ``(batch,)``
+        time given to the network and, for an affine SDE, ``a(t)`` and ``g(t)²`` in ``x``'s dtype,
+        all computed in one vectorised pass. Evaluations at these exact tensors then skip that
+        arithmetic (the values are the same); any other time takes the general path. Called by
+        :func:`sdegen.integrate.integrate`; purely an optimisation of per-step overhead.
+        """
+        if times is None or x is None or len(times) == 0:
+            self._grid = None
+            return
+        grid = torch.stack(list(times))
+        tt = grid.to(device=x.device, dtype=grid.dtype if grid.dtype == torch.float64 else time_dtype(x.dtype))
+        batch_t = tt[:, None].expand(len(times), x.shape[0]).unbind()
+        if self._affine:
+            a = self.sde.drift_coef(tt).to(x.dtype).unbind()
+            g = self.sde.diffusion_coef(tt).to(x.dtype)
+            g2 = (g * g).unbind()
+        else:
+            a = g2 = (None,) * len(times)
+        self._grid = {id(v): (v, bt, ai, gi) for v, bt, ai, gi in zip(times, batch_t, a, g2, strict=True)}
+        self._grid_key = (x.shape[0], x.dtype, x.device)
+
+    def _grid_hit(self, x: Tensor, t: Tensor) -> tuple | None:
+        if self._grid is None:
+            return None
+        hit = self._grid.get(id(t))
+        if hit is None or hit[0] is not t or self._grid_key != (x.shape[0], x.dtype, x.device):
+            return None
+        return hit
+
     # -- evaluations ----------------------------------------------------------------------------
     def score(self, x: Tensor, t: Tensor) -> Tensor:
         """Evaluate the score model once (counted in :attr:`nfe`), checked for shape and device."""
-        tb = as_batch_time(t, x)
+        hit = self._grid_hit(x, t)
+        tb = hit[1] if hit is not None else as_batch_time(t, x)
         out = self.score_fn(x, tb, **self.model_kwargs)
         if not isinstance(out, Tensor):
             raise TypeError(f"score model must return a tensor, got {type(out).__name__}")
@@ -104,27 +157,64 @@ class ReverseSDE:
             raise ValueError(f"score model returned a tensor on {out.device}, but x is on {x.device}")
         if out.dtype != x.dtype:
             out = out.to(x.dtype)  # mixed precision: a bf16 network under an fp32 solver state
-        bad = ~torch.isfinite(out).all()
-        if self._bad_eval is None:
-            self._bad_eval = torch.full((), -1, dtype=torch.long, device=x.device)
-        self._bad_eval = torch.where(bad & (self._bad_eval < 0), self.nfe, self._bad_eval)
+        # all finite <=> min and max finite (both propagate NaN): one reduction pass, no sync
+        self._minmax.append(torch.aminmax(out.detach()))  # detached: never keep a graph alive
         self.nfe += 1
+        if len(self._minmax) >= _FOLD_EVERY:
+            self._fold()
         return out
+
+    def _fold(self) -> None:
+        """Fold the pending per-evaluation min/max into the index of the first bad evaluation."""
+        pending, self._minmax = self._minmax, []
+        if not pending:
+            return
+        lo = [p[0] for p in pending]
+        hi = [p[1] for p in pending]
+        dev = lo[0].device
+        if len({(v.dtype, v.device) for v in lo}) == 1:
+            finite = torch.isfinite(torch.stack(lo)) & torch.isfinite(torch.stack(hi))
+        else:
+            finite = torch.stack([(torch.isfinite(a) & torch.isfinite(b)).to(dev) for a, b in pending])
+        k = len(pending)
+        idx = torch.arange(self.nfe - k, self.nfe, device=dev)
+        first = torch.where(finite, torch.iinfo(torch.long).max, idx).min()
+        first = torch.where(finite.all(), -1, first)
+        if self._first_bad is None:
+            self._first_bad = first
+        else:
+            self._first_bad = torch.where(self._first_bad >= 0, self._first_bad, first.to(self._first_bad.device))
+
+    @property
+    def _bad_eval(self) -> Tensor | None:
+        """First evaluation index with a non-finite score (-1: none), a device tensor; None before any."""
+        self._fold()
+        return self._first_bad
 
     def first_bad_eval(self) -> int:
         """Index of the first evaluation that returned NaN/Inf, or -1 (synchronises: call after a loop)."""
-        return -1 if self._bad_eval is None else int(self._bad_eval.item())
+        bad = self._bad_eval
+        return -1 if bad is None else int(bad.item())
 
     def drift_from_score(self, x: Tensor, t: Tensor, score: Tensor) -> Tensor:
         """Reverse drift given an already computed score (no network call)."""
-        tb = as_batch_time(t, x)
-        g = self.sde.diffusion(x, tb)
         coef = 0.5 * (1.0 + self.noise_scale**2)
-        correction = g**2 * score
+        hit = self._grid_hit(x, t) if self._affine else None
+        if hit is not None:  # a(t), g(t)² precomputed for this grid time
+            return torch.addcmul(hit[2] * x, hit[3], score, value=-coef)
+        if self._affine and isinstance(t, Tensor) and t.ndim == 0:
+            # fast path, same values: a(t) x − coef g(t)² score with 0-d coefficients (no bcast)
+            tt = t.to(device=x.device, dtype=t.dtype if t.dtype == torch.float64 else time_dtype(x.dtype))
+            a = self.sde.drift_coef(tt).to(x.dtype)
+            g = self.sde.diffusion_coef(tt).to(x.dtype)
+            return torch.addcmul(a * x, g * g, score, value=-coef)
+        tb = as_batch_time(t, x)
+        scale = (-coef) * self.sde.diffusion(x, tb) ** 2  # per-sample for additive noise: cheap
+        drift = self.sde.drift(x, tb)
         div = self.sde.diffusion_divergence(x, tb)
         if div is not None:
-            correction = correction + div
-        return self.sde.drift(x, tb) - coef * correction
+            drift = drift - coef * div
+        return torch.addcmul(drift, scale, score)  # f − coef (g² score + ∇·D), one pass over x
 
     def drift(self, x: Tensor, t: Tensor) -> Tensor:
         """``f − (1+λ²)/2 (∇·D + D ∇log p_t)``, shaped like ``x`` (one network evaluation)."""

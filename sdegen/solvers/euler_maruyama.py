@@ -6,6 +6,8 @@ Orders: ODE 1; SDE strong ½ (1 for additive noise), weak 1. One network evaluat
 
 from __future__ import annotations
 
+import torch
+
 from .base import Solver, brownian_increment
 
 
@@ -20,7 +22,7 @@ class EulerMaruyama(Solver):
 
     def step(self, eq, x, t, t_next, noise, state):
         h = t_next - t
-        x_next = x + h.to(x.dtype) * eq.drift(x, t)
+        x_next = torch.addcmul(x, h.to(x.dtype), eq.drift(x, t))  # x + h f, one pass
         if not eq.is_ode:
             dw = brownian_increment(noise, x, h)
             if dw is not None:

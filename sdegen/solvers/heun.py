@@ -12,6 +12,8 @@ Stratonovich solution, so it refuses such equations.
 
 from __future__ import annotations
 
+import torch
+
 from .base import Solver, brownian_increment
 
 
@@ -31,8 +33,8 @@ class Heun(Solver):
         k1 = eq.drift(x, t)
         dw = None if eq.is_ode else brownian_increment(noise, x, h)
         if dw is None:
-            x_pred = x + hx * k1
-            return x + 0.5 * hx * (k1 + eq.drift(x_pred, t_next)), state
+            x_pred = torch.addcmul(x, hx, k1)
+            return torch.addcmul(x, 0.5 * hx, k1 + eq.drift(x_pred, t_next)), state
         g1 = eq.diffusion(x, t)
         x_pred = x + hx * k1 + g1 * dw
         k2 = eq.drift(x_pred, t_next)
