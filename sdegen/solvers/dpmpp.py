@@ -1,0 +1,179 @@
+"""DPM-Solver++ multistep (2M, 3M): exponential integrators for the probability-flow ODE.
+
+Lu et al. (2022b), *DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic
+Models*, Alg. 1 (2M) and App. B (3M, the third-order multistep of DPM-Solver, Lu et al. 2022a,
+§3.3, in data-prediction form; k-diffusion's ``sample_dpmpp_3m_sde`` with ``eta=0`` is the same map).
+
+For an affine SDE with kernel ``x_t = m(t) x_0 + s(t) z`` write ``λ = log(m/s)`` (half the log-SNR,
+increasing towards the data). The probability-flow ODE in data-prediction form is
+``dx/dλ = (d log s/dλ) x + m x̂0(x, λ)``, whose variation-of-constants solution from ``t_i`` to
+``t_{i+1}`` (``h = λ_{i+1} − λ_i > 0``) is exactly::
+
+    x_{i+1} = (s_{i+1}/s_i) x_i + s_{i+1} ∫_{λ_i}^{λ_{i+1}} e^{λ} x̂0(λ) dλ.
+
+Replacing ``x̂0(λ)`` by its Taylor polynomial about ``λ_i``, whose derivatives are estimated by divided
+differences of the previous ``x̂0`` (multistep), gives with ``φ1 = −expm1(−h)``,
+``φ2 = expm1(−h)/h + 1``, ``φ3 = (expm1(−h) + h)/h² − ½`` (the ``e^{-λ}``-weighted moments of the
+polynomial terms) and ``D_j = x̂0`` at step ``i − j``, ``r_j = h_{i−j}/h``::
+
+    order 1 (DDIM):  x_{i+1} = (s_{i+1}/s_i) x_i + m_{i+1} φ1 D_0
+    order 2 (2M):    ... + m_{i+1} φ1 [(1 + 1/(2 r_1)) D_0 − 1/(2 r_1) D_1]            (Alg. 1)
+    order 3 (3M):    ... + m_{i+1} [φ1 D_0 + φ2 D1 − 2 φ3 D2],
+                     D1_0 = (D_0 − D_1)/r_1, D1_1 = (D_1 − D_2)/r_2,
+                     D1 = D1_0 + r_1/(r_1 + r_2) (D1_0 − D1_1),  D2 = (D1_0 − D1_1)/(r_1 + r_2).
+
+``D1 ≈ h x̂0'`` and ``D2 ≈ h² x̂0''/2``, and the exact weight of ``x̂0''/2`` is
+``∫_0^h e^{u−h} u² du = h² (1 − 2φ2/h) = −2 h² φ3``, hence the factor 2 on ``D2``. The reference
+implementation of the 3M update (``dpm_solver_pytorch``, diffusers' ``DPMSolverMultistepScheduler``
+and k-diffusion's ``sample_dpmpp_3m_sde``) weights ``D2`` by ``−φ3``, half of that: its local error
+is then ``O(h³)`` and it converges with order 2 only (measured in ``tests/test_fast_solvers.py``:
+slope ≈ 2.0 with ``−φ3``, ≈ 3.1 with ``−2φ3``). The local error is ``O(h^{p+1})``, so the global
+order is ``p`` (2 or 3) in the step of ``λ``.
+Each step costs one network evaluation (``x̂0 = (x + s² ∇log p)/m`` by Tweedie's formula from the score).
+
+The first steps use lower orders while the history fills (order ``min(p, i + 1)``). With
+``lower_order_final=True`` (default; diffusers' ``lower_order_final``) grids of fewer than 15 steps
+also lower the order at the end — the last step is first order and, for 3M, the one before is at
+most second order — which keeps very low-NFE sampling stable where ``h`` grows large near the data.
+
+The coefficients of every step are computed once per grid in :meth:`init_state`, on the device
+(no host-device synchronisation), and with Tweedie's formula folded into them a step is one
+evaluation and ``2p`` fused tensor operations on the state, no ``x̂0`` being formed.
+ODE only (``noise_scale=0``). Best grids: ``grid="log_snr"`` (uniform ``h``) or ``"edm"``; see
+``docs/performance.md`` for the measured comparison.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .base import Solver
+
+__all__ = ["DPMSolverPP2M", "DPMSolverPP3M"]
+
+_LOWER_ORDER_FINAL_BELOW = 15  # diffusers: lower_order_final applies to grids of < 15 steps
+
+
+@dataclass
+class _MultistepState:
+    """Per-step coefficients and the history of ``(x, score)`` pairs.
+
+    With Tweedie's ``x̂0 = x/m + (s²/m) score`` substituted, the update
+    ``x_{i+1} = a_i x_i + Σ_j w[j]_i x̂0_{i−j}`` reads ``Σ_j (cx[j]_i x_{i−j} + cs[j]_i score_{i−j})``
+    (``cx[0]`` includes ``a``): ``2p`` fused operations, no ``x̂0`` formed. Every coefficient is a
+    list of 0-d tensors in the state's dtype (one per step), so a step does no arithmetic on times.
+    """
+
+    cx: list  # cx[j][i]
+    cs: list  # cs[j][i]
+    step: int = 0
+    history: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+
+
+def _phis(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``φ1 = −expm1(−h)``, ``φ2 = expm1(−h)/h + 1``, ``φ3 = (expm1(−h) + h)/h² − ½``, series for small h."""
+    em1 = torch.expm1(-h)
+    small = h.abs() < 0.1
+    hs = torch.where(small, torch.ones_like(h), h)  # avoid 0/0 in the branch not taken
+    phi2 = torch.where(small, h / 2 - h**2 / 6 + h**3 / 24 - h**4 / 120, em1 / hs + 1)
+    phi3 = torch.where(small, -h / 6 + h**2 / 24 - h**3 / 120 + h**4 / 720, (em1 + hs) / hs**2 - 0.5)
+    return -em1, phi2, phi3
+
+
+class _DPMSolverPPMultistep(Solver):
+    """Shared implementation; subclasses set ``name`` and ``order``."""
+
+    supports_sde: ClassVar[bool] = False
+    supports_ode: ClassVar[bool] = True
+    nfe_per_step: ClassVar[int] = 1
+
+    def __init__(self, lower_order_final: bool = True):
+        if not isinstance(lower_order_final, bool):
+            raise TypeError(f"lower_order_final must be a bool, got {lower_order_final!r}")
+        self.lower_order_final = lower_order_final
+
+    def check(self, eq: Any) -> None:
+        super().check(eq)
+        if not getattr(eq, "has_marginal", False):
+            raise ValueError(
+                f"solver {self.name!r} needs an affine SDE with a Gaussian kernel (m, s), "
+                "e.g. VPSDE, VESDE, SubVPSDE or EDMSDE"
+            )
+
+    def _orders(self, n: int) -> list[int]:
+        p = int(self.order)
+        orders = [min(p, i + 1) for i in range(n)]
+        if self.lower_order_final and n < _LOWER_ORDER_FINAL_BELOW:
+            orders = [min(o, n - i) for i, o in enumerate(orders)]
+        return orders
+
+    def init_state(self, eq: Any, x: Tensor, times: Tensor) -> _MultistepState:
+        """Coefficients of every step of the grid ``times`` (decreasing, on ``x``'s device)."""
+        m, s = eq.marginal(times)
+        lam = torch.log(m) - torch.log(s)
+        n = times.shape[0] - 1
+        h = lam[1:] - lam[:-1]  # (N,) > 0 when sampling
+        phi1, phi2, phi3 = _phis(h)
+        m_next = m[1:]
+        a = s[1:] / s[:-1]
+        w = torch.zeros(int(self.order), n, dtype=times.dtype, device=times.device)
+        # r_j = h_{i-j} / h_i, shifted so index i reads the previous steps (1 where undefined)
+        r1 = torch.cat([h[:1], h[:-1]]) / h
+        r2 = torch.cat([h[:2], h[:-2]])[:n] / h
+        orders = torch.tensor(self._orders(n), device=times.device)
+        # order 1
+        w1 = [m_next * phi1, torch.zeros_like(h), torch.zeros_like(h)]
+        # order 2 (Alg. 1): D = (1 + 1/(2r)) D_0 - 1/(2r) D_1
+        c = 0.5 / r1
+        w2 = [m_next * phi1 * (1 + c), -m_next * phi1 * c, torch.zeros_like(h)]
+        # order 3: m φ1 D_0 + m φ2 D1 - 2 m φ3 D2 expanded into weights on D_0, D_1, D_2
+        q = r1 / (r1 + r2)
+        big_a = m_next * (phi2 * (1 + q) - 2 * phi3 / (r1 + r2))  # coefficient of D1_0
+        big_b = m_next * (-phi2 * q + 2 * phi3 / (r1 + r2))  # coefficient of D1_1
+        w3 = [m_next * phi1 + big_a / r1, -big_a / r1 + big_b / r2, -big_b / r2]
+        for j in range(int(self.order)):
+            w[j] = torch.where(orders == 1, w1[j], torch.where(orders == 2, w2[j], w3[j]))
+        inv_m, s2_m = 1.0 / m[:-1], s[:-1] ** 2 / m[:-1]
+        cx, cs = [], []
+        for j in range(int(self.order)):  # x̂0 of step i - j: shift the Tweedie coefficients by j
+            im = torch.cat([inv_m[:1].expand(j), inv_m[: n - j]])
+            sm = torch.cat([s2_m[:1].expand(j), s2_m[: n - j]])
+            cx.append(w[j] * im + (a if j == 0 else 0.0))
+            cs.append(w[j] * sm)
+        dt = x.dtype
+        return _MultistepState(cx=[list(c.to(dt).unbind()) for c in cx], cs=[list(c.to(dt).unbind()) for c in cs])
+
+    def step(self, eq, x, t, t_next, noise, state):
+        if state is None:  # called outside integrate: a one-step grid
+            state = self.init_state(eq, x, torch.stack([t, t_next]))
+        i = state.step
+        hist = [(x, eq.score(x, t)), *state.history]  # one network evaluation
+        x_next = state.cx[0][i] * x
+        for j, (xj, sj) in enumerate(hist):
+            if j:
+                x_next = torch.addcmul(x_next, state.cx[j][i], xj)
+            x_next = torch.addcmul(x_next, state.cs[j][i], sj)
+        state.history = hist[: int(self.order) - 1]
+        state.step = i + 1
+        return x_next, state
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(lower_order_final={self.lower_order_final})"
+
+
+class DPMSolverPP2M(_DPMSolverPPMultistep):
+    """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 1): second order, one evaluation per step."""
+
+    name = "dpmpp_2m"
+    order = 2.0
+
+
+class DPMSolverPP3M(_DPMSolverPPMultistep):
+    """DPM-Solver++(3M) (Lu et al. 2022b, App. B): third order, one evaluation per step."""
+
+    name = "dpmpp_3m"
+    order = 3.0
