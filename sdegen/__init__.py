@@ -13,6 +13,7 @@ from .grids import make_grid
 from .guidance import classifier_free, classifier_guidance
 from .integrate import Solution, integrate
 from .likelihood import LikelihoodInfo, bits_per_dim, decode, dequantization_offset, encode, log_likelihood
+from .losses import dsm_loss
 from .models import (
     ScoreModel,
     edm_precondition,
@@ -48,6 +49,7 @@ __all__ = [
     "decode",
     "dequantization_offset",
     "LikelihoodInfo",
+    "dsm_loss",
     "integrate",
     "Solution",
     "make_grid",
