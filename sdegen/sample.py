@@ -97,7 +97,9 @@ def reverse_sample(
         device, dtype: of the samples (default CPU, the default dtype); times stay float32 or better.
         final_step: ``"none"``, ``"noiseless"`` (last step without noise) or ``"tweedie"``
             (denoise ``x_{t_min}`` with ``E[x_0 | x_t]``, one extra evaluation).
-        save_at: ``"all"`` or times to keep (snapped to the grid); returned with ``return_info``.
+        save_at: ``"all"`` or times to keep, returned with ``return_info``: fixed-step solvers snap
+            them to the nearest grid point; adaptive solvers (``"rk45"``, backends) emit them exactly
+            (dense output).
         callback: ``callback(step, t, x)`` after each fixed step.
         progress: show a tqdm progress bar (needs ``tqdm``).
         max_batch: integrate at most this many samples at a time (bounded memory). With ``seed=``
@@ -128,9 +130,13 @@ def reverse_sample(
     if times is not None:
         grid_t = check_times(times, sde)
     elif isinstance(slv, PathSolver):
+        # adaptive/backends: the grid is the output times — the ends plus any save_at times (dense output)
         lo = sde.t_min if t_min is None else float(t_min)
         hi = sde.T if t_max is None else float(t_max)
-        grid_t = check_times(torch.tensor([hi, lo], dtype=torch.float64), sde)
+        out = [hi, lo]
+        if save_at is not None and not isinstance(save_at, str):
+            out += [float(v) for v in torch.as_tensor(save_at, dtype=torch.float64).reshape(-1) if lo < v < hi]
+        grid_t = check_times(torch.tensor(sorted(set(out), reverse=True), dtype=torch.float64), sde)
     else:
         grid_t = make_grid(grid, sde, steps, t_min=t_min, t_max=t_max)
     parts_sl = chunks(batch, max_batch)

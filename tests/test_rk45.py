@@ -280,3 +280,18 @@ def test_per_sample_model_kwargs_follow_the_active_set():
         xi = reverse_sample(sde, score, x_T=z[i : i + 1], solver="rk45", noise_scale=0.0,
                             model_kwargs={"shift": shift[i : i + 1]}, rtol=1e-7, atol=1e-7)
         assert (xi[0] - x[i]).abs().max() <= 1e-12
+
+
+def test_reverse_sample_save_at_is_exact_dense_output_for_rk45():
+    """save_at times are emitted exactly by the adaptive solver and match a solve that ends there."""
+    from sdegen import VPSDE, reverse_sample
+    from sdegen.testing import GaussianMixture
+
+    sde = VPSDE()
+    pm = GaussianMixture([0.5, 0.5], [[-1.0, 0.0], [1.0, 0.5]], [0.2, 0.3]).perturbed(sde)
+    x_T = sde.prior_sample((6, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    kw = dict(solver="rk45", noise_scale=0.0, rtol=1e-9, atol=1e-9)
+    sol = reverse_sample(sde, pm.score, x_T=x_T, save_at=[0.7, 0.3], return_info=True, **kw)
+    assert sol.trajectory_times.tolist() == [0.7, 0.3]
+    to_03 = reverse_sample(sde, pm.score, x_T=x_T, t_min=0.3, **kw)
+    torch.testing.assert_close(sol.trajectory[1], to_03, rtol=1e-6, atol=1e-6)
