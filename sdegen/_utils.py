@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["bcast", "time_dtype", "as_batch_time", "flat_sum"]
+__all__ = ["bcast", "time_dtype", "as_batch_time", "flat_sum", "first_nonfinite"]
 
 
 def bcast(v: Tensor | float, x: Tensor) -> Tensor | float:
@@ -52,3 +52,21 @@ def as_batch_time(t: Tensor | float, x: Tensor) -> Tensor:
 def flat_sum(x: Tensor) -> Tensor:
     """Sum over all but the batch dimension: ``(batch, *dims) -> (batch,)``."""
     return x.reshape(x.shape[0], -1).sum(dim=1)
+
+
+def first_nonfinite(minmax: list[tuple[Tensor, Tensor]], device: torch.device, offset: int = 0) -> Tensor:
+    """Index ``offset + i`` of the first ``(min, max)`` pair with a NaN/Inf, or -1, as a 0-d device tensor.
+
+    ``minmax`` holds ``torch.aminmax`` results (min and max are finite iff every element is), one per
+    step or evaluation, kept on the device so that the check costs no host-device synchronisation.
+    """
+    if not minmax:
+        return torch.full((), -1, dtype=torch.long, device=device)
+    lo = [p[0] for p in minmax]
+    if len({(v.dtype, v.device) for v in lo}) == 1:
+        finite = torch.isfinite(torch.stack(lo)) & torch.isfinite(torch.stack([p[1] for p in minmax]))
+    else:  # mixed dtypes/devices (e.g. a model that changed precision): check each pair, then gather
+        finite = torch.stack([(torch.isfinite(a) & torch.isfinite(b)).to(device) for a, b in minmax])
+    idx = torch.arange(offset, offset + len(minmax), device=finite.device)
+    first = torch.where(finite, torch.iinfo(torch.long).max, idx).min()
+    return torch.where(finite.all(), -1, first)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._utils import time_dtype
+from ._utils import first_nonfinite, time_dtype
 from .errors import NonFiniteError
 from .noise import NoiseSource
 from .solvers.base import PathSolver, Solver
@@ -140,7 +140,7 @@ def integrate(
             if prepare is not None:
                 prepare(None)  # drop the per-grid cache even when a step raises
         if check_finite:
-            _raise_if_bad(eq, solver, times_cpu, _first_bad_step(minmax, x.device), nfe_at_step, nfe0)
+            _raise_if_bad(eq, solver, times_cpu, first_nonfinite(minmax, x.device), nfe_at_step, nfe0)
 
     if final_step == "tweedie":
         x = eq.denoise(x, tdev[-1])
@@ -151,18 +151,6 @@ def integrate(
     trajectory = torch.stack(traj) if traj else None
     traj_times = times_cpu[save_idx].to(tdev.device, tdev.dtype) if traj else None
     return Solution(x=x, nfe=eq.nfe - nfe0, times=tdev, trajectory=trajectory, trajectory_times=traj_times, stats=stats)
-
-
-def _first_bad_step(minmax: list[tuple[Tensor, Tensor]], device: torch.device) -> Tensor:
-    """Index of the first step whose state had a NaN/Inf, or -1, as a device tensor (no sync)."""
-    if not minmax:
-        return torch.full((), -1, dtype=torch.long, device=device)
-    lo = torch.stack([m[0] for m in minmax])
-    hi = torch.stack([m[1] for m in minmax])
-    finite = torch.isfinite(lo) & torch.isfinite(hi)
-    idx = torch.arange(len(minmax), device=finite.device)
-    first = torch.where(finite, len(minmax), idx).min()
-    return torch.where(finite.all(), -1, first)
 
 
 def _raise_if_bad(eq, solver, times_cpu, bad_step, nfe_at_step, nfe0) -> None:

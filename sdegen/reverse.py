@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ._utils import as_batch_time, bcast, time_dtype
+from ._utils import as_batch_time, bcast, first_nonfinite, time_dtype
 
 if TYPE_CHECKING:
     from .sde import SDE
@@ -169,17 +169,7 @@ class ReverseSDE:
         pending, self._minmax = self._minmax, []
         if not pending:
             return
-        lo = [p[0] for p in pending]
-        hi = [p[1] for p in pending]
-        dev = lo[0].device
-        if len({(v.dtype, v.device) for v in lo}) == 1:
-            finite = torch.isfinite(torch.stack(lo)) & torch.isfinite(torch.stack(hi))
-        else:
-            finite = torch.stack([(torch.isfinite(a) & torch.isfinite(b)).to(dev) for a, b in pending])
-        k = len(pending)
-        idx = torch.arange(self.nfe - k, self.nfe, device=dev)
-        first = torch.where(finite, torch.iinfo(torch.long).max, idx).min()
-        first = torch.where(finite.all(), -1, first)
+        first = first_nonfinite(pending, pending[0][0].device, offset=self.nfe - len(pending))
         if self._first_bad is None:
             self._first_bad = first
         else:
