@@ -12,6 +12,7 @@ Run::
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from sdegen import reverse_sample
 from sdegen.models import from_diffusers
 
-OUT = Path(__file__).parent / "out"
+OUT = Path(os.environ.get("SDEGEN_EXAMPLES_OUT", Path(__file__).parent / "out"))  # where figures go
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from sdegen import VPSDE, from_epsilon, reverse_sample
 from sdegen.likelihood import bits_per_dim, dequantization_offset
 from sdegen.losses import dsm_loss
 
-OUT = Path(__file__).parent / "out"
+OUT = Path(os.environ.get("SDEGEN_EXAMPLES_OUT", Path(__file__).parent / "out"))  # where figures go
 N_BINS = 17  # grey levels 0..16
 RANGE = (-1.0, 1.0)
 
@@ -216,7 +217,7 @@ def main() -> None:
         sol = reverse_sample(sde, score, (64, 64), solver="euler_maruyama", steps=100 if args.quick else 1000,
                              seed=args.seed, final_step="tweedie", return_info=True)
     sample_s = time.perf_counter() - t0
-    OUT.mkdir(exist_ok=True)
+    OUT.mkdir(parents=True, exist_ok=True)
     save_grids({"64 test images (17 grey levels)": k_test[:64],
                 f"64 samples: reverse VP SDE, Euler–Maruyama + Tweedie, NFE={sol.nfe}": to_levels(sol.x)},
                OUT / "digits_samples.png")

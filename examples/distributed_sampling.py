@@ -89,8 +89,8 @@ def plot(x: torch.Tensor, data: GaussianMixture, world: int) -> None:
         print("matplotlib not installed: skipping the plot (pip install 'sdegen[examples]')")
         return
     exact = data.sample(x.shape[0], seed=1)
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
+    out = Path(os.environ.get("SDEGEN_EXAMPLES_OUT", Path(__file__).parent / "out"))  # where figures go
+    out.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(8, 4))
     axes[0].scatter(exact[:, 0], exact[:, 1], s=1)
     axes[0].set_title("exact samples")

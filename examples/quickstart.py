@@ -10,6 +10,7 @@ against exact samples. Run:
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -66,8 +67,8 @@ def main() -> None:
     except ImportError:
         print("matplotlib not installed: skipping the plot (pip install 'sdegen[examples]')")
         return
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
+    out = Path(os.environ.get("SDEGEN_EXAMPLES_OUT", Path(__file__).parent / "out"))  # where figures go
+    out.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, len(results) + 1, figsize=(4 * (len(results) + 1), 4))
     axes[0].scatter(exact[:, 0], exact[:, 1], s=1)
     axes[0].set_title("exact samples")

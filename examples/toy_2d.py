@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from torch import nn
 from sdegen import VPSDE, available_solvers, from_epsilon, get_solver, reverse_sample
 from sdegen.losses import dsm_loss
 
-OUT = Path(__file__).parent / "out"
+OUT = Path(os.environ.get("SDEGEN_EXAMPLES_OUT", Path(__file__).parent / "out"))  # where figures go
 
 
 # -- data ----------------------------------------------------------------------------------------------
@@ -115,7 +116,9 @@ def train(sde, data: torch.Tensor, iters: int, batch: int, seed: int) -> EpsMLP:
 SETTINGS = {
     "euler_maruyama": ("reverse SDE", dict(noise_scale=1.0, steps=500, final_step="tweedie")),
     "heun": ("PF-ODE", dict(noise_scale=0.0, steps=25)),
-    "rk45": ("PF-ODE, rtol=atol=1e-3", dict(noise_scale=0.0, rtol=1e-3, atol=1e-3)),
+    "rk45": ("PF-ODE, rtol=atol=1e-3", dict(rtol=1e-3, atol=1e-3)),
+    "tsit5": ("PF-ODE, rtol=atol=1e-3", dict(rtol=1e-3, atol=1e-3)),
+    "bosh3": ("PF-ODE, rtol=atol=1e-3", dict(rtol=1e-3, atol=1e-3)),
     "pc": ("reverse SDE + Langevin", dict(noise_scale=1.0, steps=200, final_step="tweedie")),
     "ancestral": ("DDPM ancestral", dict(noise_scale=1.0, steps=200, final_step="tweedie")),
     "ddim": ("η=0", dict(noise_scale=0.0, steps=25, grid="quadratic")),
@@ -133,11 +136,11 @@ def settings_for(name: str, quick: bool) -> tuple[str, dict]:
     if name in SETTINGS:
         label, kw = SETTINGS[name]
         kw = dict(kw)
-    else:
-        cls = type(get_solver(name))
-        sde_ok = cls.supports_sde
-        label, kw = ("reverse SDE" if sde_ok else "PF-ODE"), dict(noise_scale=1.0 if sde_ok else 0.0)
-        kw["steps"] = 200 if sde_ok else 25
+    else:  # the solver's own defaults (noise scale, grid and steps)
+        slv = get_solver(name)
+        label, kw = ("reverse SDE" if slv.default_noise_scale > 0 else "PF-ODE"), {}
+        if not slv.adaptive:
+            kw["steps"] = min(slv.default_steps, 200)
     if quick and "steps" in kw:
         kw["steps"] = max(4, kw["steps"] // 10)
         if "n_steps_each" in kw:
@@ -236,17 +239,18 @@ def plot(kind: str, data: torch.Tensor, results) -> None:
             k = sol.trajectory.shape[0]
             keep = torch.unique(torch.linspace(0, k - 1, min(k, 60)).round().long())  # at most 60 points
             traj = sol.trajectory[keep, :8]  # (<=60, 8, 2)
-            tt = sol.trajectory_times[keep].float()
+            tt = sol.trajectory_times[keep].float()  # (<=60,), or (<=60, batch): adaptive solvers' own steps
             for i in range(traj.shape[1]):
+                ti = tt[:, i] if tt.ndim == 2 else tt
                 bottom.plot(traj[:, i, 0], traj[:, i, 1], lw=0.5, c="0.65", zorder=1)
-                bottom.scatter(traj[:, i, 0], traj[:, i, 1], c=tt, cmap="viridis", s=2, zorder=2, vmin=0, vmax=1)
+                bottom.scatter(traj[:, i, 0], traj[:, i, 1], c=ti, cmap="viridis", s=2, zorder=2, vmin=0, vmax=1)
             bottom.scatter(traj[-1, :, 0], traj[-1, :, 1], c="r", s=8, zorder=3)
         bottom.set_title(f"trajectories, NFE={sol.nfe}", fontsize=8)
     for c in range(len(cells), lines * per_row):  # empty cells of the last line
         axes[2 * (c // per_row), c % per_row].axis("off")
         axes[2 * (c // per_row) + 1, c % per_row].axis("off")
     fig.tight_layout()
-    OUT.mkdir(exist_ok=True)
+    OUT.mkdir(parents=True, exist_ok=True)
     fig.savefig(OUT / "toy_2d.png", dpi=90)
     print(f"\nwrote {OUT / 'toy_2d.png'}")
 

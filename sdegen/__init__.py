@@ -7,14 +7,26 @@ The shortest program::
     x = reverse_sample(sde, score_model, shape=(16, 2), solver="heun", steps=100)
 """
 
+from .controllers import PIController
 from .discrete import DiscreteVPSDE
+from .equation import AffineEquation, Equation, EquationBase
 from .errors import MaxStepsExceeded, NonFiniteError
 from .grids import make_grid
 from .guidance import classifier_free, classifier_guidance
 from .integrate import Solution, integrate
-from .likelihood import LikelihoodInfo, bits_per_dim, decode, dequantization_offset, encode, log_likelihood
+from .likelihood import (
+    AugmentedFlow,
+    LikelihoodInfo,
+    NotDifferentiableError,
+    bits_per_dim,
+    decode,
+    dequantization_offset,
+    encode,
+    log_likelihood,
+)
 from .losses import dsm_loss
 from .models import (
+    PerSampleModel,
     ScoreModel,
     edm_precondition,
     from_denoiser,
@@ -28,7 +40,7 @@ from .noise import GeneratorNoise, PerSampleNoise
 from .reverse import ReverseSDE
 from .sample import forward_sample, reverse_sample
 from .sde import EDMSDE, SDE, VESDE, VPSDE, LinearSDE, SubVPSDE
-from .solvers import available_solvers, get_solver
+from .solvers import AdaptiveSolver, PathSolver, Solver, available_solvers, get_solver
 
 __version__ = "0.1.0"
 
@@ -49,11 +61,18 @@ __all__ = [
     "decode",
     "dequantization_offset",
     "LikelihoodInfo",
+    "AugmentedFlow",
+    "NotDifferentiableError",
     "dsm_loss",
     "integrate",
     "Solution",
+    "Equation",
+    "AffineEquation",
+    "EquationBase",
+    "PIController",
     "make_grid",
     "ScoreModel",
+    "PerSampleModel",
     "from_score",
     "from_epsilon",
     "from_denoiser",
@@ -65,6 +84,9 @@ __all__ = [
     "classifier_guidance",
     "GeneratorNoise",
     "PerSampleNoise",
+    "Solver",
+    "AdaptiveSolver",
+    "PathSolver",
     "available_solvers",
     "get_solver",
     "NonFiniteError",

@@ -7,12 +7,14 @@ same draws as in one big batch) and the per-chunk conditioning kwargs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from .noise import NoiseSource, PerSampleNoise, make_noise
 
-__all__ = ["chunks", "batch_noise", "chunk_noise", "chunk_kwargs"]
+__all__ = ["chunks", "batch_noise", "chunk_noise", "select_model"]
 
 
 def chunks(batch: int, max_batch: int | None) -> list[slice]:
@@ -46,9 +48,19 @@ def chunk_noise(noise: NoiseSource, sl: slice, batch: int) -> NoiseSource:
     return noise
 
 
-def chunk_kwargs(model_kwargs: dict, batch: int, sl: slice) -> dict:
-    """Slice every tensor kwarg whose leading dimension is the batch; pass the others through."""
-    return {
-        k: v[sl] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == batch else v
+def select_model(score: Callable, model_kwargs: dict, batch: int, index: slice | Tensor) -> tuple[Callable, dict]:
+    """The model and conditioning of the samples at ``index`` of a ``batch``.
+
+    Every tensor kwarg whose leading dimension is the batch is indexed; the others pass through. A score
+    model with per-sample parameters (:class:`~sdegen.models.PerSampleModel`, e.g. a guidance weight of
+    shape ``(batch,)``) is restricted with its ``for_samples``.
+    """
+    from .models import PerSampleModel
+
+    kwargs = {
+        k: v[index] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == batch else v
         for k, v in model_kwargs.items()
     }
+    if isinstance(score, PerSampleModel):
+        score = score.for_samples(index, batch)
+    return score, kwargs

@@ -20,9 +20,11 @@ evaluated outside ``[times[-1], times[0]]``:
 Options: ``rtol``, ``atol`` (default 1e-5 each, the likelihood literature's choice), ``step_size``
 (fixed-grid methods: the step in ``t``; without it they step on the ``times`` grid only, so at least
 one of the two is required), ``max_steps`` (adaptive methods: steps per output interval before
-:class:`~sdegen.errors.MaxStepsExceeded`, default 100 000), ``options`` (a dict passed to torchdiffeq as
+:class:`~sdegen.errors.MaxStepsExceeded`, default 10 000 as sdegen's own adaptive solvers), ``options`` (a dict
+passed to torchdiffeq as
 its method options, e.g. ``{"first_step": 1e-3}``). ``stats`` reports ``accepted`` / ``rejected``
-steps for adaptive methods.
+steps (``accepted_steps``, ``rejected_steps``: ``(batch,)`` tensors, equal for every sample since torchdiffeq
+steps the batch together) for adaptive methods.
 
 **torchsde** (``sdeint``; Li et al. 2020, Kidger et al. 2021) — reverse SDEs (``noise_scale > 0``).
 ``sdeint`` needs increasing times, so the backend integrates in ``u = t_0 − t`` (``t_0 = times[0]``):
@@ -46,16 +48,18 @@ path) and not batch-invariant (the Brownian interval spans the whole batch). Wit
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .equation import Equation
 from .errors import MaxStepsExceeded, NonFiniteError
 from .noise import NoiseSource
-from .solvers.base import PathSolver
+from .solvers.base import PathSolver, Solver
 
-__all__ = ["get_backend", "TorchDiffEqSolver", "TorchSDESolver"]
+__all__ = ["get_backend", "backend_options", "TorchDiffEqSolver", "TorchSDESolver"]
 
 _SDE_ITO = ("euler", "milstein", "srk")
 _SDE_STRATONOVICH = ("midpoint", "heun", "euler_heun", "reversible_heun", "log_ode")
@@ -79,6 +83,14 @@ def get_backend(name: str, **options: Any) -> PathSolver:
         if "unexpected keyword argument" in str(err):
             raise TypeError(f"solver {name!r}: {err}; it accepts {cls.accepted_options}") from None
         raise
+
+
+def backend_options(name: str) -> tuple[str, ...]:
+    """The options a backend name accepts (empty for an unknown library)."""
+    lib = name.partition(":")[0]
+    return {"torchdiffeq": TorchDiffEqSolver, "torchsde": TorchSDESolver}.get(lib, Solver).__dict__.get(
+        "accepted_options", ()
+    )
 
 
 def _positive(solver: str, name: str, value: Any, *, allow_none: bool = False) -> float | None:
@@ -121,7 +133,7 @@ class TorchDiffEqSolver(PathSolver):
         rtol: float = 1e-5,
         atol: float = 1e-5,
         step_size: float | None = None,
-        max_steps: int = 100_000,
+        max_steps: int = 10_000,
         options: dict[str, Any] | None = None,
     ):
         from torchdiffeq._impl.odeint import SOLVERS
@@ -141,15 +153,20 @@ class TorchDiffEqSolver(PathSolver):
         self.max_steps = max_steps
         self.options = _check_options(self.name, options)
 
-    def solve(self, eq: Any, x: Tensor, times: Tensor, noise: NoiseSource | None) -> tuple[Tensor, dict[str, Any]]:
+    def solve(
+        self, eq: Equation, x: Tensor, times: Tensor, noise: NoiseSource | None, *, monitor: Callable | None = None
+    ) -> tuple[Tensor, dict[str, Any]]:
         from torchdiffeq import odeint
 
-        t_hi, t_lo = times[0], times[-1]
-        stats = {"accepted": 0, "rejected": 0} if self.adaptive else {}
+        t_lo, t_hi = times.min(), times.max()
+        stats = {"accepted_steps": 0, "rejected_steps": 0} if self.adaptive else {}
 
         class _Func:
             def __call__(self, t: Tensor, y: Tensor) -> Tensor:
-                return eq.drift(y, t.to(times.dtype).clamp(t_lo, t_hi))
+                tc = t.to(times.dtype).clamp(t_lo, t_hi)
+                if monitor is not None:
+                    monitor(float(tc))
+                return eq.drift(y, tc)
 
         func = _Func()
         opts = dict(self.options)
@@ -158,10 +175,10 @@ class TorchDiffEqSolver(PathSolver):
             opts.setdefault("max_num_steps", self.max_steps)
 
             def accept(t0, y0, dt):
-                stats["accepted"] += 1
+                stats["accepted_steps"] += 1
 
             def reject(t0, y0, dt):
-                stats["rejected"] += 1
+                stats["rejected_steps"] += 1
 
             func.callback_accept_step = accept
             func.callback_reject_step = reject
@@ -180,6 +197,8 @@ class TorchDiffEqSolver(PathSolver):
                 raise MaxStepsExceeded(f"solver {self.name!r}: more than max_steps={self.max_steps} steps") from err
             raise NonFiniteError(f"solver {self.name!r} failed: {err}") from err
         _check_finite(self.name, states, times)
+        # one meaning everywhere: steps per sample (torchdiffeq's steps are shared by the whole batch)
+        stats = {k: torch.full((x.shape[0],), v, dtype=torch.long, device=x.device) for k, v in stats.items()}
         return states, stats
 
     def __repr__(self) -> str:
@@ -198,9 +217,13 @@ class _FlippedSDE:
 
     noise_type = "diagonal"
 
-    def __init__(self, eq: Any, shape: tuple[int, ...], times: Tensor, sde_type: str, stochastic: bool):
+    def __init__(
+        self, eq: Equation, shape: tuple[int, ...], times: Tensor, sde_type: str, stochastic: bool,
+        monitor: Callable | None,
+    ):
         self.eq, self.shape, self.sde_type, self.stochastic = eq, shape, sde_type, stochastic
         self.t_hi, self.t_lo = times[0], times[-1]
+        self.monitor = monitor
         self._cache: tuple[Any, ...] | None = None
 
     def _t(self, u: Tensor) -> Tensor:
@@ -211,7 +234,10 @@ class _FlippedSDE:
         key = (id(y), y._version, float(u))
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
-        out = -self.eq.drift(y.reshape(self.shape), self._t(u)).reshape(y.shape)
+        t = self._t(u)
+        if self.monitor is not None:
+            self.monitor(float(t))
+        out = -self.eq.drift(y.reshape(self.shape), t).reshape(y.shape)
         self._cache = (key, out)
         return out
 
@@ -260,25 +286,29 @@ class TorchSDESolver(PathSolver):
         self.dt_min = _positive(self.name, "dt_min", dt_min)
         self.options = _check_options(self.name, options)
 
-    def check(self, eq: Any) -> None:
+    def check(self, eq: Equation) -> None:
         if eq.is_ode:
             raise ValueError(
                 f"solver {self.name!r} integrates SDEs only; for the probability-flow ODE (noise_scale=0) "
                 "use 'torchdiffeq:<method>' or an sdegen ODE solver"
             )
-        if self.sde_type == "stratonovich" and getattr(eq, "state_dependent", False):
+        if self.sde_type == "stratonovich" and eq.state_dependent:
             raise ValueError(
                 f"solver {self.name!r} is a Stratonovich method; with state-dependent diffusion it would solve "
                 f"a different equation. Use an Ito method: {', '.join(_SDE_ITO)}"
             )
 
-    def solve(self, eq: Any, x: Tensor, times: Tensor, noise: NoiseSource | None) -> tuple[Tensor, dict[str, Any]]:
+    def solve(
+        self, eq: Equation, x: Tensor, times: Tensor, noise: NoiseSource | None, *, monitor: Callable | None = None
+    ) -> tuple[Tensor, dict[str, Any]]:
         import torchsde
 
+        if times[-1] > times[0]:
+            raise ValueError(f"solver {self.name!r} integrates the reverse-time SDE: times must decrease")
         shape = tuple(x.shape)
         flat = x.reshape(shape[0], -1)
         us = times[0] - times  # increasing from 0
-        sde = _FlippedSDE(eq, shape, times, self.sde_type, noise is not None)
+        sde = _FlippedSDE(eq, shape, times, self.sde_type, noise is not None, monitor)
         dt = self.dt if self.dt is not None else float(us[-1]) / 1000.0
         levy = {"srk": "space-time", "log_ode": "foster"}.get(self.method, "none")
         bm = torchsde.BrownianInterval(
@@ -286,7 +316,7 @@ class TorchSDESolver(PathSolver):
             entropy=_entropy(noise, x) if noise is not None else 0, levy_area_approximation=levy, dt=dt,
         )
         opts = dict(self.options)
-        if self.method == "milstein" and not getattr(eq, "state_dependent", False):
+        if self.method == "milstein" and not eq.state_dependent:
             opts.setdefault("grad_free", True)  # additive noise: the Milstein correction is 0
         states = torchsde.sdeint(
             sde, flat, us, bm=bm, method=self.method, dt=dt, adaptive=self.adaptive,

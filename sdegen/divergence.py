@@ -69,6 +69,10 @@ def jacobian_diagonal(fn: Field, x: Tensor, *, chunk_size: int | None = None) ->
 
     Cost: one forward pass and ``ceil(D / chunk_size)`` batched backward passes, ``D = prod(dims)``.
     """
+    return _diagonal_and_value(fn, x, chunk_size)[0]
+
+
+def _diagonal_and_value(fn: Field, x: Tensor, chunk_size: int | None) -> tuple[Tensor, Tensor]:
     batch, per = x.shape[0], math.prod(x.shape[1:])
     chunk = chunk_size or _default_chunk(x)
     if chunk < 1:
@@ -89,12 +93,13 @@ def jacobian_diagonal(fn: Field, x: Tensor, *, chunk_size: int | None = None) ->
             cols = cols.reshape(stop - start, batch, per)
             idx = torch.arange(start, stop, device=x.device)
             diag[:, start:stop] = cols[torch.arange(stop - start, device=x.device), :, idx].T
-    return diag.reshape(x.shape).detach()
+    return diag.reshape(x.shape).detach(), y.detach()
 
 
-def divergence_exact(fn: Field, x: Tensor, *, chunk_size: int | None = None) -> Tensor:
-    """Exact divergence (Jacobian trace) per sample, shape ``(batch,)``."""
-    return jacobian_diagonal(fn, x, chunk_size=chunk_size).reshape(x.shape[0], -1).sum(1)
+def divergence_exact(fn: Field, x: Tensor, *, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """Exact divergence (Jacobian trace) per sample, ``(batch,)``, and the field value ``fn(x)`` (detached)."""
+    diag, y = _diagonal_and_value(fn, x, chunk_size)
+    return diag.reshape(x.shape[0], -1).sum(1), y
 
 
 def divergence_hutchinson(fn: Field, x: Tensor, probes: Tensor) -> tuple[Tensor, Tensor]:

@@ -33,6 +33,7 @@ member), so the number is the log-density of the guided ODE sampler's output, no
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +43,32 @@ from torch import Tensor
 from ._utils import as_batch_time, bcast
 
 __all__ = ["classifier_free", "classifier_guidance", "ClassifierFreeGuidance", "ClassifierGuidance"]
+
+
+def _per_sample(name: str, w: float | Tensor, like: Tensor) -> float | Tensor:
+    """A guidance weight broadcast against ``like``; a tensor weight must have one entry per sample."""
+    if not isinstance(w, Tensor):
+        return w
+    if w.ndim == 1 and w.shape[0] != like.shape[0]:
+        raise ValueError(
+            f"the guidance weight {name} has {w.shape[0]} entries but the batch evaluated has {like.shape[0]}; "
+            "a per-sample weight must have shape (batch,) of the whole batch passed to sdegen"
+        )
+    return bcast(w.to(device=like.device, dtype=like.dtype), like)
+
+
+def _restricted(obj: Any, index: slice | Tensor, batch: int, weight: str, inner: str) -> Any:
+    """A shallow copy of a guidance object with its per-sample weight and inner model restricted."""
+    from .models import PerSampleModel
+
+    out = copy.copy(obj)
+    w = getattr(obj, weight)
+    if isinstance(w, Tensor) and w.ndim == 1 and w.shape[0] == batch:
+        setattr(out, weight, w[index])
+    model = getattr(obj, inner)
+    if isinstance(model, PerSampleModel):
+        setattr(out, inner, model.for_samples(index, batch))
+    return out
 
 
 def _weight(name: str, w: float | Tensor) -> float | Tensor:
@@ -111,10 +138,11 @@ class ClassifierFreeGuidance:
         both_kwargs[self.cond_kwarg] = torch.cat([cond, self._null(cond)])
         out = self.model(torch.cat([x, x]), torch.cat([tb, tb]), **both_kwargs)
         s_c, s_u = out[:b], out[b:]
-        w = self.w
-        if isinstance(w, Tensor):
-            w = bcast(w.to(device=x.device, dtype=s_c.dtype), s_c)
-        return s_u + w * (s_c - s_u)
+        return s_u + _per_sample("w", self.w, s_c) * (s_c - s_u)
+
+    def for_samples(self, index: slice | Tensor, batch: int) -> ClassifierFreeGuidance:
+        """This guidance restricted to the samples at ``index`` of a ``batch`` (a ``(batch,)`` ``w`` is indexed)."""
+        return _restricted(self, index, batch, "w", "model")
 
     def __repr__(self) -> str:
         return f"ClassifierFreeGuidance(w={self.w}, cond_kwarg={self.cond_kwarg!r})"
@@ -178,10 +206,11 @@ class ClassifierGuidance:
 
     def __call__(self, x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
         base = self.score(x, t, **kwargs) if self.score_kwargs else self.score(x, t)
-        scale = self.scale
-        if isinstance(scale, Tensor):
-            scale = bcast(scale.to(device=x.device, dtype=x.dtype), x)
-        return base + scale * self.gradient(x, t, **kwargs)
+        return base + _per_sample("scale", self.scale, x) * self.gradient(x, t, **kwargs)
+
+    def for_samples(self, index: slice | Tensor, batch: int) -> ClassifierGuidance:
+        """This guidance restricted to the samples at ``index`` of a ``batch`` (a ``(batch,)`` scale is indexed)."""
+        return _restricted(self, index, batch, "scale", "score")
 
     def __repr__(self) -> str:
         return f"ClassifierGuidance(scale={self.scale})"

@@ -3,18 +3,24 @@
 Along the probability-flow ODE ``dx/dt = F(x, t) = f(x, t) − ½ g(t)² ∇log p_t(x)`` (Song et al.
 2021, eq. 13), the density obeys ``d log p_t(x(t)) / dt = −∇·F(x(t), t)`` (Chen et al. 2018,
 "Neural ODEs", Thm. 1). Integrating the augmented state ``[x, Δ]`` with ``dΔ/dt = ∇·F`` from
-``t_min`` up to ``T`` gives (Song et al. 2021, eq. 39 / App. D.2)::
+``t_min`` up to ``t_max`` gives (Song et al. 2021, eq. 39 / App. D.2)::
 
-    log p_{t_min}(x) = log p_T(x(T)) + ∫_{t_min}^{T} ∇·F(x(t), t) dt
+    log p_{t_min}(x) = log p_{t_max}(x(t_max)) + ∫_{t_min}^{t_max} ∇·F(x(t), t) dt
 
-The divergence is computed *exactly* (``trace="exact"``: ``D`` vector–Jacobian products, batched
-and chunked, :func:`sdegen.divergence.divergence_exact`) or estimated with Hutchinson's estimator
-(``trace="hutchinson"``: ``E[εᵀ (∂F/∂x) ε]`` with ``probes`` Rademacher or Gaussian vectors drawn
-once per solve and held fixed along the path, Grathwohl et al. 2019, "FFJORD", eq. 7).
+:class:`AugmentedFlow` is that augmented ODE as an :class:`~sdegen.equation.Equation`; it is integrated by
+:func:`sdegen.integrate.integrate` with any ODE solver — the built-in adaptive ones (``rk45``, ``tsit5``,
+``bosh3``: per-sample step control), fixed-step ones given ``steps=`` (``heun``, ``euler_maruyama``), or
+``torchdiffeq:<method>``. The divergence is computed *exactly* (``trace="exact"``: ``D`` vector–Jacobian
+products, batched and chunked, :func:`sdegen.divergence.divergence_exact`) or estimated with
+Hutchinson's estimator (``trace="hutchinson"``: ``E[εᵀ (∂F/∂x) ε]`` with ``probes`` Rademacher or
+Gaussian vectors drawn once per solve and held fixed along the path, Grathwohl et al. 2019, "FFJORD",
+eq. 7).
 
-The ODE is integrated under ``torch.no_grad``; gradients are taken only inside each divergence
-evaluation and never kept across steps, so memory does not grow with the number of steps.
-Defaults follow Song et al. (2021), App. D.2: ``t_min = 1e-5``, ``rtol = atol = 1e-5``, RK45.
+The ODE runs under ``torch.no_grad``; gradients are taken only inside each divergence evaluation and
+never kept across steps, so memory does not grow with the number of steps. The score must be
+differentiable in ``x``: a model run under ``torch.no_grad``/``inference_mode`` or detaching its input
+raises instead of returning a wrong value. Defaults follow Song et al. (2021), App. D.2: ``t_min = 1e-5``,
+``rtol = atol = 1e-5``, an adaptive RK45.
 
 See ``docs/likelihood.md`` for the derivations, including the bits/dim conventions.
 """
@@ -29,14 +35,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._batching import batch_noise, chunk_kwargs, chunk_noise, chunks
-from ._utils import time_dtype
+from ._batching import batch_noise, chunk_noise, chunks, select_model
 from .divergence import divergence_exact, divergence_hutchinson
-from .errors import MaxStepsExceeded, NonFiniteError
+from .equation import EquationBase, rms_norm
+from .grids import make_grid
+from .integrate import Solution, integrate
 from .noise import NoiseSource, normal_like, rademacher_like
 from .reverse import ReverseSDE, ScoreFn
-from .sde import SDE
-from .solvers.rk45 import check_tolerances, equation_field, rms_norm, solve_ivp_per_sample
+from .sample import check_state
+from .sde import SDE, LinearSDE
+from .solvers import AdaptiveSolver, PathSolver, Solver, resolve_solver
 
 __all__ = [
     "log_likelihood",
@@ -45,12 +53,17 @@ __all__ = [
     "encode",
     "decode",
     "LikelihoodInfo",
+    "AugmentedFlow",
+    "NotDifferentiableError",
 ]
 
 TRACES = ("exact", "hutchinson")
-PROBE_NOISES = ("rademacher", "gaussian")
-# torchdiffeq methods with adaptive steps: they accept ``step_t`` (so no step crosses the end time)
-_TORCHDIFFEQ_ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+PROBE_DISTRIBUTIONS = ("rademacher", "gaussian")
+DEFAULT_SOLVER = "rk45"
+
+
+class NotDifferentiableError(RuntimeError):
+    """The score model's output has no autograd graph to its input ``x``: the divergence cannot be taken."""
 
 
 @dataclass
@@ -58,22 +71,24 @@ class LikelihoodInfo:
     """Diagnostics of a likelihood / encode / decode solve (chunks merged).
 
     Attributes:
-        nfe: batched evaluations of the probability-flow drift (score-network calls), summed over
-            ``max_batch`` chunks. With ``trace="exact"`` each evaluation also costs
-            ``ceil(D / chunk_size)`` batched backward passes; with Hutchinson one.
-        accepted, rejected: steps over all samples (``"rk45"``; None for torchdiffeq backends).
-        steps_per_sample: ``(batch,)`` accepted steps of each sample (``"rk45"``), else None.
-        latent: the probability-flow latent ``x(T)`` ``(batch, *dims)`` (for bits/dim: of the last draw).
-        prior_logp: ``log p_T(x(T))`` ``(batch,)`` nats (None for encode/decode).
+        nfe: network evaluations along the longest sample path (batched evaluations of the
+            probability-flow drift, a batched call counting once; the largest chunk's count, summed over
+            dequantisation repeats) — the same meaning as :attr:`sdegen.integrate.Solution.nfe`. With
+            ``trace="exact"`` each evaluation also costs ``ceil(D / chunk_size)`` batched backward passes;
+            with Hutchinson one.
+        network_calls: batched model calls in total, over all ``max_batch`` chunks and repeats.
+        accepted_steps, rejected_steps: ``(batch,)`` int64 steps of each sample (adaptive solvers), else None.
+        latent: the probability-flow latent ``x(t_max)`` ``(batch, *dims)`` (for bits/dim: of the last draw).
+        prior_logp: ``log p_{t_max}(x(t_max))`` ``(batch,)`` nats (None for encode/decode).
         delta_logp: ``∫ ∇·F dt`` ``(batch,)`` nats (None for encode/decode).
-        solver: the solver used.
+        solver: the solver's name.
         bpd_draws: ``(repeats, batch)`` bits/dim of each dequantisation draw (bits_per_dim only).
     """
 
     nfe: int
-    accepted: int | None
-    rejected: int | None
-    steps_per_sample: Tensor | None
+    network_calls: int
+    accepted_steps: Tensor | None
+    rejected_steps: Tensor | None
     latent: Tensor
     prior_logp: Tensor | None
     delta_logp: Tensor | None
@@ -81,36 +96,81 @@ class LikelihoodInfo:
     bpd_draws: Tensor | None = None
 
 
+class AugmentedFlow(EquationBase):
+    """The probability-flow ODE augmented with the log-density change, as an :class:`~sdegen.equation.Equation`.
+
+    The state is ``(batch, D + 1)``: the flattened ``x`` and ``Δ``; the drift is ``[F(x, t), ∇·F(x, t)]``.
+
+    Args:
+        flow: the probability-flow ODE (a :class:`~sdegen.ReverseSDE` with ``noise_scale=0``).
+        dims: the per-sample shape of ``x``.
+        probes: ``(batch, K, *dims)`` Hutchinson probes, or None for the exact trace.
+        chunk_size: basis vectors per batched VJP of the exact trace.
+
+    Its error norm is ``max(RMS over x, |error of Δ|)``: adaptive solvers hold the log-density to the
+    tolerance too. ``nfe`` counts the flow's network evaluations.
+    """
+
+    is_ode = True
+
+    def __init__(self, flow: ReverseSDE, dims: tuple[int, ...], probes: Tensor | None, chunk_size: int | None):
+        if not flow.is_ode:
+            raise ValueError("AugmentedFlow needs the probability-flow ODE (noise_scale=0)")
+        self.flow = flow
+        self.dims = tuple(dims)
+        self.d = math.prod(self.dims)
+        self._probes_all = probes
+        self.probes = probes
+        self.chunk_size = chunk_size
+
+    @property
+    def nfe(self) -> int:  # type: ignore[override]
+        return self.flow.nfe
+
+    def nonfinite_evaluation(self) -> Tensor | None:
+        return self.flow.nonfinite_evaluation()
+
+    def select_samples(self, index: Tensor | None, batch: int) -> None:
+        self.flow.select_samples(index, batch)
+        self.probes = self._probes_all if index is None or self._probes_all is None else self._probes_all[index]
+
+    def error_norm(self, e: Tensor) -> Tensor:
+        return torch.maximum(rms_norm(e[:, : self.d]), e[:, self.d].abs())
+
+    def diffusion(self, x: Tensor, t: Tensor) -> Tensor:
+        return torch.zeros((), device=x.device, dtype=x.dtype)
+
+    def _field(self, t: Tensor) -> Callable[[Tensor], Tensor]:
+        flow = self.flow
+
+        def field(z: Tensor) -> Tensor:
+            score = flow.score(z, t)
+            if not score.requires_grad:
+                raise NotDifferentiableError(
+                    "the score model's output does not depend on x through autograd, so its divergence cannot "
+                    "be computed: the model runs under torch.no_grad()/torch.inference_mode() or detaches its "
+                    "input. Remove that (sdegen takes gradients only inside each evaluation; memory stays bounded)."
+                )
+            return flow.drift_from_score(z, t, score)
+
+        return field
+
+    def drift(self, y: Tensor, t: Tensor) -> Tensor:
+        n = y.shape[0]
+        xs = y[:, : self.d].reshape(n, *self.dims)
+        if self.probes is None:
+            div, fx = divergence_exact(self._field(t), xs, chunk_size=self.chunk_size)
+        else:
+            div, fx = divergence_hutchinson(self._field(t), xs, self.probes.transpose(0, 1))
+        return torch.cat([fx.reshape(n, self.d), div.reshape(n, 1).to(fx.dtype)], dim=1)
+
+    def __repr__(self) -> str:
+        trace = "exact" if self.probes is None else f"hutchinson({self.probes.shape[1]})"
+        return f"AugmentedFlow({self.flow!r}, trace={trace})"
+
+
 # -- validation -------------------------------------------------------------------------------------
-def _check_x(x: Any, name: str = "x") -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a tensor of shape (batch, *dims), got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if x.ndim < 2 or x.shape[0] < 1 or x.numel() == 0:
-        raise ValueError(f"{name} must have shape (batch, *dims) with batch >= 1, got {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or Inf")
-
-
-def _check_solver(solver: Any) -> str:
-    if not isinstance(solver, str):
-        raise TypeError(f"solver must be 'rk45' or 'torchdiffeq:<method>', got {type(solver).__name__}")
-    if solver == "rk45":
-        return solver
-    if solver.startswith("torchdiffeq:"):
-        method = solver.split(":", 1)[1]
-        try:
-            from torchdiffeq._impl.odeint import SOLVERS
-        except ImportError as err:  # pragma: no cover - torchdiffeq is an optional extra
-            raise ImportError("solver='torchdiffeq:...' needs torchdiffeq (pip install torchdiffeq)") from err
-        if method not in SOLVERS:
-            raise ValueError(f"unknown torchdiffeq method {method!r}; available: {', '.join(sorted(SOLVERS))}")
-        return solver
-    raise ValueError(f"solver must be 'rk45' or 'torchdiffeq:<method>', got {solver!r}")
-
-
-def _interval(sde: SDE, t_min: float, t_max: float | None) -> tuple[float, float]:
+def _interval(sde: SDE, t_min: Any, t_max: Any) -> tuple[float, float]:
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be an sdegen.SDE, got {type(sde).__name__}")
     hi = sde.T if t_max is None else t_max
@@ -122,162 +182,176 @@ def _interval(sde: SDE, t_min: float, t_max: float | None) -> tuple[float, float
     return float(t_min), float(hi)
 
 
-# -- the ODE solve ------------------------------------------------------------------------------------
-def _ode_solve(
-    func: Callable[..., Tensor],
-    y0: Tensor | tuple[Tensor, ...],
-    t0: float,
-    t1: float,
-    *,
-    solver: str,
-    rtol: float,
-    atol: float,
-    args: tuple[Tensor, ...],
-    norm: Callable[[Tensor], Tensor] | None,
-    solver_options: dict[str, Any],
-    split: int | None = None,
-) -> tuple[Tensor, dict[str, Any]]:
-    """Integrate ``dy/dt = func(y, t, *args)`` from ``t0`` to ``t1``; return ``y(t1)`` and stats.
-
-    ``t`` reaches ``func`` as a ``(n,)`` tensor inside ``[min(t0,t1), max(t0,t1)]``. ``split`` (the
-    number of state columns before the log-density column) makes torchdiffeq see a tuple state so its
-    mixed norm controls both parts, as the rk45 ``norm`` does.
-    """
-    y = y0
-    tdt = time_dtype(y.dtype)
-    if solver == "rk45":
-        times = torch.tensor([t0, t1], dtype=tdt, device=y.device)
-        states, stats = solve_ivp_per_sample(
-            func, y, times, rtol=rtol, atol=atol, args=args, norm=norm, **solver_options
+def _check_autograd() -> None:
+    if torch.is_inference_mode_enabled():
+        raise NotDifferentiableError(
+            "log_likelihood/bits_per_dim need autograd for the divergence: call them outside torch.inference_mode()"
         )
-        return states[-1], stats
 
-    import torchdiffeq
 
-    method = solver.split(":", 1)[1]
-    lo, hi = min(t0, t1), max(t0, t1)
-    n = y.shape[0]
+def _times(sde: SDE, solver: Solver, t_from: float, t_to: float, steps: Any, grid: Any, entry: str) -> Tensor:
+    """The times to integrate over: the two ends (adaptive), or a grid of ``steps`` (fixed-step)."""
+    fixed_backend = isinstance(solver, PathSolver) and not getattr(solver, "adaptive", True)
+    needs_grid = not isinstance(solver, AdaptiveSolver | PathSolver) or fixed_backend
+    if steps is None:
+        if needs_grid and not (fixed_backend and getattr(solver, "step_size", None)):
+            raise ValueError(
+                f"{entry}: solver {solver.name!r} takes fixed steps: give steps= (e.g. steps=200), or use an "
+                "adaptive solver such as 'rk45' (the default), 'tsit5' or 'bosh3'"
+            )
+        return torch.tensor([t_from, t_to], dtype=torch.float64)
+    if not needs_grid:
+        raise ValueError(f"{entry}: solver {solver.name!r} is adaptive and chooses its own steps: drop steps=")
+    lo, hi = min(t_from, t_to), max(t_from, t_to)
+    kind = grid if grid is not None else ("uniform" if isinstance(solver, PathSolver) else solver.default_grid)
+    t = make_grid(kind, sde, steps, t_min=lo, t_max=hi)  # decreasing
+    return t if t_from > t_to else t.flip(0)
 
-    def tfunc(t: Tensor, state):
-        tb = t.to(torch.float64).clamp(lo, hi).to(tdt).expand(n)  # never evaluate outside [lo, hi]
-        full = torch.cat(state, 1) if split is not None else state
-        out = func(full, tb, *args)
-        return (out[:, :split], out[:, split:]) if split is not None else out
 
-    opts = dict(solver_options)
-    if method in _TORCHDIFFEQ_ADAPTIVE and "step_t" not in opts:
-        opts["step_t"] = torch.tensor([t1], dtype=torch.float64, device=y.device)
-    state0 = (y[:, :split], y[:, split:]) if split is not None else y
-    nfe0 = _CallCounter(tfunc)
+def _check_solver_on(solver: Solver, eq: Any, entry: str) -> None:
     try:
-        out = torchdiffeq.odeint(
-            nfe0, state0, torch.tensor([t0, t1], dtype=torch.float64, device=y.device),
-            rtol=rtol, atol=atol, method=method, options=opts,
-        )
-    except AssertionError as err:  # torchdiffeq signals failures with assertions
-        msg = str(err)
-        if "max_num_steps" in msg:
-            raise MaxStepsExceeded(f"solver {solver!r}: {msg}") from err
-        raise NonFiniteError(f"solver {solver!r} failed: {msg}") from err
-    end = torch.cat([o[-1] for o in out], 1) if split is not None else out[-1]
-    if not torch.isfinite(end).all():
-        raise NonFiniteError(f"solver {solver!r}: the solution became NaN/Inf between t={t0:.6g} and t={t1:.6g}")
-    return end, {"nfe": nfe0.calls}
+        solver.check(eq)
+    except ValueError as err:
+        raise ValueError(
+            f"{entry}: {err}. It integrates the probability-flow ODE (of [x, Δ] for likelihoods), so it needs an "
+            "ODE solver that sees only the drift: 'rk45', 'tsit5', 'bosh3', 'heun' or 'euler_maruyama' with "
+            "steps=, or 'torchdiffeq:<method>'"
+        ) from None
 
 
-class _CallCounter:
-    def __init__(self, fn):
-        self.fn, self.calls = fn, 0
+def _options(
+    sde,
+    score,
+    x,
+    trace,
+    probes,
+    probe_distribution,
+    t_min,
+    t_max,
+    prior_log_prob,
+    chunk_size,
+    solver,
+    solver_options,
+    steps,
+    grid,
+    entry,
+) -> dict[str, Any]:
+    if not isinstance(sde, SDE):
+        raise TypeError(f"sde must be an sdegen.SDE, got {type(sde).__name__}")
+    check_state(x, "x")
+    if not callable(score):
+        raise TypeError("score must be a callable score(x, t)")
+    if trace not in TRACES:
+        raise ValueError(f"trace must be one of {TRACES}, got {trace!r}")
+    if probe_distribution not in PROBE_DISTRIBUTIONS:
+        raise ValueError(f"probe_distribution must be one of {PROBE_DISTRIBUTIONS}, got {probe_distribution!r}")
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+        raise ValueError(f"probes must be an int >= 1, got {probes!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    t0, t1 = _interval(sde, t_min, t_max)
+    if prior_log_prob is None:
+        if not isinstance(sde, LinearSDE):
+            raise ValueError(f"{type(sde).__name__} has no prior: pass prior_log_prob=")
+        prior_t = None if t1 == sde.T else t1
 
-    def __call__(self, t, y):
-        self.calls += 1
-        return self.fn(t, y)
+        def prior_log_prob(z: Tensor) -> Tensor:
+            return sde.prior_log_prob(z, t=prior_t)
+    elif not callable(prior_log_prob):
+        raise TypeError("prior_log_prob must be a callable z -> (batch,) log-density")
+    slv = resolve_solver(solver, solver_options, entry, _LIKELIHOOD_PARAMS)
+    return dict(
+        trace=trace,
+        probes=probes,
+        probe_distribution=probe_distribution,
+        t0=t0,
+        t1=t1,
+        prior=prior_log_prob,
+        chunk_size=chunk_size,
+        solver=slv,
+        times=_times(sde, slv, t0, t1, steps, grid, entry),
+    )
 
 
-def _mixed_norm(split: int) -> Callable[[Tensor], Tensor]:
-    """``max(RMS over the state, |Δ error|)``: the log-density column is held to the tolerance too."""
+_LIKELIHOOD_PARAMS = (
+    "trace",
+    "probes",
+    "probe_distribution",
+    "solver",
+    "steps",
+    "grid",
+    "t_min",
+    "t_max",
+    "prior_log_prob",
+    "generator",
+    "seed",
+    "sample_ids",
+    "max_batch",
+    "model_kwargs",
+    "chunk_size",
+    "progress",
+    "return_latent",
+    "return_info",
+    "n_bins",
+    "data_range",
+    "dequantize",
+    "repeats",
+)
 
-    def norm(e: Tensor) -> Tensor:
-        return torch.maximum(rms_norm(e[:, :split]), e[:, split].abs())
 
-    return norm
-
-
+# -- one chunk --------------------------------------------------------------------------------------
 def _ll_chunk(
     sde: SDE,
     score: ScoreFn,
+    model_kwargs: dict,
     x: Tensor,
     noise: NoiseSource,
     *,
     trace: str,
     probes: int,
-    noise_kind: str,
-    solver: str,
-    rtol: float,
-    atol: float,
+    probe_distribution: str,
     t0: float,
     t1: float,
     prior: Callable[[Tensor], Tensor],
-    model_kwargs: dict,
     chunk_size: int | None,
-    solver_options: dict,
+    solver: Solver,
+    times: Tensor,
+    progress: bool,
 ) -> tuple[Tensor, LikelihoodInfo]:
-    """Log-likelihood of one chunk (no validation)."""
-    eq = ReverseSDE(sde, score, 0.0, model_kwargs=model_kwargs)
+    """Log-likelihood of one chunk (validated arguments)."""
     batch, dims = x.shape[0], tuple(x.shape[1:])
     d = math.prod(dims)
     with torch.no_grad():
-        x = x.detach()
+        x = x.clone() if x.is_inference() else x.detach()
         eps = None
         if trace == "hutchinson":
             template = x.new_empty((batch, probes, *dims))  # batch first: per-sample noise keys on dim 0
-            eps = rademacher_like(noise, template) if noise_kind == "rademacher" else normal_like(noise, template)
-        field, kw_args = equation_field(eq, batch)
-        n_probe_args = 0 if eps is None else 1
-
-        def augmented(y: Tensor, t: Tensor, *a: Tensor) -> Tensor:
-            n = y.shape[0]
-            xs = y[:, :d].reshape(n, *dims)
-            kw = a[n_probe_args:]
-
-            def fn(z: Tensor) -> Tensor:
-                return field(z, t, *kw)
-
-            if eps is None:
-                box: list[Tensor] = []
-
-                def capture(z: Tensor) -> Tensor:
-                    out = fn(z)
-                    box.append(out)
-                    return out
-
-                div = divergence_exact(capture, xs, chunk_size=chunk_size)
-                fx = box[0].detach()
-                box.clear()
-            else:
-                div, fx = divergence_hutchinson(fn, xs, a[0].transpose(0, 1))
-            return torch.cat([fx.reshape(n, d), div.reshape(n, 1).to(fx.dtype)], dim=1)
-
+            eps = (
+                rademacher_like(noise, template) if probe_distribution == "rademacher" else normal_like(noise, template)
+            )
+        eq = AugmentedFlow(ReverseSDE(sde, score, 0.0, model_kwargs=model_kwargs), dims, eps, chunk_size)
+        _check_solver_on(solver, eq, "log_likelihood")
         y0 = torch.cat([x.reshape(batch, d), x.new_zeros(batch, 1)], dim=1)
-        args = ((eps,) if eps is not None else ()) + kw_args
-        y_end, stats = _ode_solve(
-            augmented, y0, t0, t1, solver=solver, rtol=rtol, atol=atol, args=args,
-            norm=_mixed_norm(d), solver_options=solver_options, split=d,
-        )
-        latent = y_end[:, :d].reshape(x.shape)
-        delta = y_end[:, d]
+        sol = integrate(eq, y0, times, solver, None, progress=progress)
+        latent = sol.x[:, :d].reshape(x.shape)
+        delta = sol.x[:, d]
         prior_logp = prior(latent)
         if not isinstance(prior_logp, Tensor) or prior_logp.shape != (batch,):
             raise ValueError(f"prior_log_prob must return a tensor of shape (batch,)={(batch,)}")
         ll = prior_logp.to(delta.dtype) + delta
-    return ll, _info(eq.nfe, stats, latent, prior_logp, delta, solver)
+    return ll, _info(sol, latent, prior_logp, delta, solver)
 
 
-def _info(nfe, stats, latent, prior_logp, delta, solver) -> LikelihoodInfo:
+def _info(sol: Solution, latent, prior_logp, delta, solver: Solver) -> LikelihoodInfo:
     return LikelihoodInfo(
-        nfe=nfe, accepted=stats.get("accepted"), rejected=stats.get("rejected"),
-        steps_per_sample=stats.get("steps_per_sample"), latent=latent, prior_logp=prior_logp,
-        delta_logp=delta, solver=solver,
+        nfe=sol.nfe,
+        network_calls=sol.network_calls,
+        accepted_steps=sol.stats.get("accepted_steps"),
+        rejected_steps=sol.stats.get("rejected_steps"),
+        latent=latent,
+        prior_logp=prior_logp,
+        delta_logp=delta,
+        solver=solver.name,
     )
 
 
@@ -287,47 +361,35 @@ def _merge(infos: list[LikelihoodInfo]) -> LikelihoodInfo:
 
     def cat(name):
         vals = [getattr(i, name) for i in infos]
-        return None if any(v is None for v in vals) else torch.cat(vals, dim=-1 if name == "bpd_draws" else 0)
-
-    def total(name):
-        vals = [getattr(i, name) for i in infos]
-        return None if any(v is None for v in vals) else sum(vals)
+        if any(not isinstance(v, Tensor) for v in vals):
+            return None
+        return torch.cat(vals, dim=-1 if name == "bpd_draws" else 0)
 
     return LikelihoodInfo(
-        nfe=sum(i.nfe for i in infos), accepted=total("accepted"), rejected=total("rejected"),
-        steps_per_sample=cat("steps_per_sample"), latent=cat("latent"), prior_logp=cat("prior_logp"),
-        delta_logp=cat("delta_logp"), solver=infos[0].solver, bpd_draws=cat("bpd_draws"),
+        nfe=max(i.nfe for i in infos),
+        network_calls=sum(i.network_calls for i in infos),
+        accepted_steps=cat("accepted_steps"),
+        rejected_steps=cat("rejected_steps"),
+        latent=cat("latent"),
+        prior_logp=cat("prior_logp"),
+        delta_logp=cat("delta_logp"),
+        solver=infos[0].solver,
+        bpd_draws=cat("bpd_draws"),
     )
 
 
-def _common(sde, score, x, trace, probes, noise, solver, rtol, atol, t_min, t_max, prior_log_prob,
-            model_kwargs, chunk_size, solver_options):
-    _check_x(x)
-    if not callable(score):
-        raise TypeError("score must be a callable score(x, t)")
-    if trace not in TRACES:
-        raise ValueError(f"trace must be one of {TRACES}, got {trace!r}")
-    if noise not in PROBE_NOISES:
-        raise ValueError(f"noise must be one of {PROBE_NOISES}, got {noise!r}")
-    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
-        raise ValueError(f"probes must be an int >= 1, got {probes!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    solver = _check_solver(solver)
-    check_tolerances(rtol, atol)
-    t0, t1 = _interval(sde, t_min, t_max)
-    if prior_log_prob is None:
-        if not hasattr(sde, "prior_log_prob"):
-            raise ValueError(f"{type(sde).__name__} has no prior: pass prior_log_prob=")
-        prior_log_prob = sde.prior_log_prob
-    elif not callable(prior_log_prob):
-        raise TypeError("prior_log_prob must be a callable z -> (batch,) log-density")
-    if solver_options is not None and not isinstance(solver_options, dict):
-        raise TypeError("solver_options must be a dict or None")
-    return dict(
-        trace=trace, probes=probes, noise_kind=noise, solver=solver, rtol=float(rtol), atol=float(atol),
-        t0=t0, t1=t1, prior=prior_log_prob, chunk_size=chunk_size, solver_options=dict(solver_options or {}),
-    ), dict(model_kwargs or {})
+def _empty(x: Tensor, solver: Solver) -> LikelihoodInfo:
+    z = torch.zeros(0, dtype=x.dtype, device=x.device)
+    return LikelihoodInfo(
+        nfe=0,
+        network_calls=0,
+        accepted_steps=None,
+        rejected_steps=None,
+        latent=x.clone(),
+        prior_logp=z,
+        delta_logp=z,
+        solver=solver.name,
+    )
 
 
 # -- public API ---------------------------------------------------------------------------------------
@@ -338,10 +400,10 @@ def log_likelihood(
     *,
     trace: str = "exact",
     probes: int = 1,
-    noise: str = "rademacher",
-    solver: str = "rk45",
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    probe_distribution: str = "rademacher",
+    solver: str | Solver = DEFAULT_SOLVER,
+    steps: int | None = None,
+    grid: str | None = None,
     t_min: float = 1e-5,
     t_max: float | None = None,
     prior_log_prob: Callable[[Tensor], Tensor] | None = None,
@@ -351,9 +413,10 @@ def log_likelihood(
     max_batch: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
     chunk_size: int | None = None,
-    solver_options: dict[str, Any] | None = None,
+    progress: bool = False,
     return_latent: bool = False,
     return_info: bool = False,
+    **solver_options: Any,
 ) -> Tensor | tuple:
     """``log p_{t_min}(x)`` per sample, in nats, by the probability-flow ODE.
 
@@ -363,22 +426,24 @@ def log_likelihood(
 
     Args:
         sde: the forward SDE (any :class:`~sdegen.SDE`; without ``prior_log_prob`` it needs a prior).
-        score: ``score(x, t) -> ∇ log p_t(x)``; must be differentiable in ``x`` (autograd).
+        score: ``score(x, t) -> ∇ log p_t(x)``; must be differentiable in ``x`` (autograd), else
+            :class:`NotDifferentiableError`.
         x: data ``(batch, *dims)``, finite, floating point (float64 for tight checks).
         trace: ``"exact"`` (``D`` batched vector–Jacobian products per evaluation, chunked by
             ``chunk_size``; no variance) or ``"hutchinson"`` (one batched VJP with ``probes`` probes).
         probes: Hutchinson probes per sample (``>= 1``), averaged; drawn once per solve.
-        noise: probe distribution, ``"rademacher"`` (lower variance) or ``"gaussian"``.
-        solver: ``"rk45"`` (sdegen's per-sample Dormand–Prince: each sample has its own steps, so its
-            value does not depend on its batch-mates) or ``"torchdiffeq:<method>"`` (one step size for
-            the batch; adaptive methods get ``step_t=[t_max]`` so no step crosses ``t_max``, and the time
-            passed to the model is clamped to ``[t_min, t_max]`` because torchdiffeq's initial-step
-            heuristic may probe beyond it).
-        rtol, atol: ODE tolerances (default 1e-5 each, Song et al. 2021). The log-density column is
-            controlled too: the error norm is ``max(RMS over x, |error of Δ|)``.
+        probe_distribution: ``"rademacher"`` (lower variance) or ``"gaussian"``.
+        solver: a name or a :class:`~sdegen.solvers.Solver` instance. ``"rk45"`` (default), ``"tsit5"``,
+            ``"bosh3"``: adaptive, each sample on its own steps, so its value does not depend on its
+            batch-mates (``rtol``, ``atol`` default 1e-5, Song et al. 2021; ``shared_steps=True`` for one step
+            size per batch). Fixed-step solvers (``"heun"``, ``"euler_maruyama"``) need ``steps=``.
+            ``"torchdiffeq:<method>"``: torchdiffeq's loop (fixed-grid methods need ``steps=``).
+        steps, grid: the time grid of a fixed-step solver (``grid`` default the solver's; uniform for
+            torchdiffeq); adaptive solvers take neither.
         t_min: start time (default 1e-5, as Song et al. 2021 for likelihoods); ``0 < t_min < t_max``.
-        t_max: end time (default ``sde.T``).
-        prior_log_prob: ``z -> log p(z)`` ``(batch,)`` nats at ``t_max`` (default ``sde.prior_log_prob``);
+        t_max: end time (default ``sde.T``); below ``T`` the default prior is
+            :meth:`~sdegen.LinearSDE.prior_std_at` ``(t_max)`` (exact only at ``T``).
+        prior_log_prob: ``z -> log p(z)`` ``(batch,)`` nats at ``t_max`` (default the SDE's prior there);
             pass the exact ``p_T`` to isolate the solver error.
         generator, seed, sample_ids: source of the Hutchinson probes (see :func:`sdegen.noise.make_noise`);
             with ``seed=`` each sample's probes depend only on ``(seed, sample_id)``.
@@ -387,27 +452,48 @@ def log_likelihood(
         model_kwargs: keyword arguments for ``score`` (tensors with a leading batch dimension follow
             the chunks and the active set).
         chunk_size: basis vectors per batched VJP of the exact trace (memory bound).
-        solver_options: extra options: for ``"rk45"`` ``first_step``, ``max_steps``, ``safety``; for
-            torchdiffeq its ``options`` dict (e.g. ``{"step_size": 0.01}`` for fixed-grid methods).
+        progress: a tqdm progress bar over the solve (percent of ``[t_min, t_max]``), per chunk.
         return_latent: also return the latent ``x(t_max)``.
         return_info: also return a :class:`LikelihoodInfo` (NFE, steps, latent, prior and Δ terms).
+        **solver_options: options of a named solver (``rtol=``, ``atol=``, ``max_steps=``, ...).
 
     Returns:
         ``ll`` ``(batch,)`` in nats (dtype of ``x``), then ``latent`` if ``return_latent``, then
         ``info`` if ``return_info`` (a tuple when either is set).
     """
-    opts, model_kwargs = _common(sde, score, x, trace, probes, noise, solver, rtol, atol, t_min, t_max,
-                                 prior_log_prob, model_kwargs, chunk_size, solver_options)
-    src = batch_noise(generator, seed, sample_ids, x.shape[0], x.device)
+    _check_autograd()
+    opts = _options(
+        sde,
+        score,
+        x,
+        trace,
+        probes,
+        probe_distribution,
+        t_min,
+        t_max,
+        prior_log_prob,
+        chunk_size,
+        solver,
+        solver_options,
+        steps,
+        grid,
+        "log_likelihood",
+    )
     batch = x.shape[0]
+    src = batch_noise(generator, seed, sample_ids, batch, x.device)
+    model_kwargs = dict(model_kwargs or {})
     lls, infos = [], []
     for sl in chunks(batch, max_batch):
-        ll, info = _ll_chunk(sde, score, x[sl], chunk_noise(src, sl, batch),
-                             model_kwargs=chunk_kwargs(model_kwargs, batch, sl), **opts)
+        part_score, part_kwargs = select_model(score, model_kwargs, batch, sl)
+        ll, info = _ll_chunk(
+            sde, part_score, part_kwargs, x[sl], chunk_noise(src, sl, batch), progress=progress, **opts
+        )
         lls.append(ll)
         infos.append(info)
-    ll = torch.cat(lls)
-    info = _merge(infos)
+    if not lls:
+        ll, info = x.new_zeros(0), _empty(x, opts["solver"])
+    else:
+        ll, info = torch.cat(lls), _merge(infos)
     out: tuple = (ll,)
     if return_latent:
         out += (info.latent,)
@@ -449,10 +535,10 @@ def bits_per_dim(
     repeats: int = 1,
     trace: str = "exact",
     probes: int = 1,
-    noise: str = "rademacher",
-    solver: str = "rk45",
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    probe_distribution: str = "rademacher",
+    solver: str | Solver = DEFAULT_SOLVER,
+    steps: int | None = None,
+    grid: str | None = None,
     t_min: float = 1e-5,
     t_max: float | None = None,
     prior_log_prob: Callable[[Tensor], Tensor] | None = None,
@@ -462,8 +548,9 @@ def bits_per_dim(
     max_batch: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
     chunk_size: int | None = None,
-    solver_options: dict[str, Any] | None = None,
+    progress: bool = False,
     return_info: bool = False,
+    **solver_options: Any,
 ) -> Tensor | tuple[Tensor, LikelihoodInfo]:
     """Bits per dimension of discrete data under the model, with uniform dequantisation.
 
@@ -507,68 +594,112 @@ def bits_per_dim(
     Returns:
         ``(batch,)`` bits/dim (mean over draws), and a :class:`LikelihoodInfo` with ``return_info``.
     """
-    opts, model_kwargs = _common(sde, score, x, trace, probes, noise, solver, rtol, atol, t_min, t_max,
-                                 prior_log_prob, model_kwargs, chunk_size, solver_options)
+    _check_autograd()
+    opts = _options(
+        sde,
+        score,
+        x,
+        trace,
+        probes,
+        probe_distribution,
+        t_min,
+        t_max,
+        prior_log_prob,
+        chunk_size,
+        solver,
+        solver_options,
+        steps,
+        grid,
+        "bits_per_dim",
+    )
     offset = dequantization_offset(n_bins, data_range)
     a, b = _check_range(data_range)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    if not isinstance(dequantize, bool):
+        raise TypeError(f"dequantize must be a bool, got {dequantize!r}")
     level = (x.to(torch.float64) - a) / (b - a) * (n_bins - 1)
     k = level.round()
-    if (level - k).abs().max() > 1e-3 or k.min() < 0 or k.max() > n_bins - 1:
+    if k.numel() and ((level - k).abs().max() > 1e-3 or k.min() < 0 or k.max() > n_bins - 1):
         raise ValueError(
             f"x is not on the grid a + (b - a) k / (n_bins - 1), k in 0..{n_bins - 1}, with data_range={data_range} "
             f"and n_bins={n_bins}: check data_range and n_bins (data must be scaled, not dequantised)"
         )
-    src = batch_noise(generator, seed, sample_ids, x.shape[0], x.device)
     batch, d = x.shape[0], math.prod(x.shape[1:])
+    src = batch_noise(generator, seed, sample_ids, batch, x.device)
+    model_kwargs = dict(model_kwargs or {})
     bpds, infos = [], []
     for sl in chunks(batch, max_batch):
         part_noise = chunk_noise(src, sl, batch)
+        part_score, part_kwargs = select_model(score, model_kwargs, batch, sl)
         draws, chunk_infos = [], []
         for _ in range(repeats):
             kk = k[sl]
             u = part_noise.uniform(tuple(kk.shape), device=x.device, dtype=torch.float64) if dequantize else 0.5
             y = (a + (b - a) * (kk + u) / n_bins).to(x.dtype)
-            ll, info = _ll_chunk(sde, score, y, part_noise, model_kwargs=chunk_kwargs(model_kwargs, batch, sl),
-                                 **opts)
+            ll, info = _ll_chunk(sde, part_score, part_kwargs, y, part_noise, progress=progress, **opts)
             draws.append(-ll / (d * math.log(2.0)) + offset)
             chunk_infos.append(info)
         draws_t = torch.stack(draws)
         info = chunk_infos[-1]
         info.nfe = sum(i.nfe for i in chunk_infos)
-        info.accepted = None if info.accepted is None else sum(i.accepted for i in chunk_infos)
-        info.rejected = None if info.rejected is None else sum(i.rejected for i in chunk_infos)
+        info.network_calls = sum(i.network_calls for i in chunk_infos)
+        if info.accepted_steps is not None:
+            info.accepted_steps = sum(i.accepted_steps for i in chunk_infos)
+            info.rejected_steps = sum(i.rejected_steps for i in chunk_infos)
         info.bpd_draws = draws_t
         bpds.append(draws_t.mean(0))
         infos.append(info)
+    if not bpds:
+        empty = _empty(x, opts["solver"])
+        empty.bpd_draws = x.new_zeros(repeats, 0)
+        return (x.new_zeros(0), empty) if return_info else x.new_zeros(0)
     bpd = torch.cat(bpds)
     return (bpd, _merge(infos)) if return_info else bpd
 
 
-def _flow(sde, score, x, t0, t1, *, solver, rtol, atol, max_batch, model_kwargs, solver_options, return_info,
-          name="x"):
-    """Integrate the probability-flow ODE from ``t0`` to ``t1`` (either direction)."""
-    _check_x(x, name)
+def _flow(
+    sde,
+    score,
+    x,
+    t_from,
+    t_to,
+    *,
+    solver,
+    steps,
+    grid,
+    max_batch,
+    model_kwargs,
+    progress,
+    solver_options,
+    return_info,
+    entry,
+    name,
+):
+    """Integrate the probability-flow ODE from ``t_from`` to ``t_to`` (either direction)."""
+    check_state(x, name)
     if not callable(score):
         raise TypeError("score must be a callable score(x, t)")
-    solver = _check_solver(solver)
-    check_tolerances(rtol, atol)
-    if solver_options is not None and not isinstance(solver_options, dict):
-        raise TypeError("solver_options must be a dict or None")
+    slv = resolve_solver(solver, solver_options, entry, _FLOW_PARAMS)
+    times = _times(sde, slv, t_from, t_to, steps, grid, entry)
     model_kwargs = dict(model_kwargs or {})
     batch = x.shape[0]
     outs, infos = [], []
-    for sl in chunks(batch, max_batch):
-        eq = ReverseSDE(sde, score, 0.0, model_kwargs=chunk_kwargs(model_kwargs, batch, sl))
-        func, args = equation_field(eq, sl.stop - sl.start)
-        with torch.no_grad():
-            end, stats = _ode_solve(func, x[sl].detach(), t0, t1, solver=solver, rtol=float(rtol), atol=float(atol),
-                                    args=args, norm=None, solver_options=dict(solver_options or {}))
-        outs.append(end)
-        infos.append(_info(eq.nfe, stats, end, None, None, solver))
+    with torch.no_grad():
+        for sl in chunks(batch, max_batch):
+            part_score, part_kwargs = select_model(score, model_kwargs, batch, sl)
+            eq = ReverseSDE(sde, part_score, 0.0, model_kwargs=part_kwargs)
+            _check_solver_on(slv, eq, entry)
+            sol = integrate(eq, x[sl].detach(), times, slv, None, progress=progress)
+            outs.append(sol.x)
+            infos.append(_info(sol, sol.x, None, None, slv))
+    if not outs:
+        return (x.clone(), _empty(x, slv)) if return_info else x.clone()
     out = torch.cat(outs)
     return (out, _merge(infos)) if return_info else out
+
+
+_FLOW_PARAMS = ("solver", "steps", "grid", "t_min", "t_max", "max_batch", "model_kwargs", "progress", "return_info")
 
 
 def encode(
@@ -576,15 +707,16 @@ def encode(
     score: ScoreFn,
     x: Tensor,
     *,
-    solver: str = "rk45",
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    solver: str | Solver = DEFAULT_SOLVER,
+    steps: int | None = None,
+    grid: str | None = None,
     t_min: float = 1e-5,
     t_max: float | None = None,
     max_batch: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
-    solver_options: dict[str, Any] | None = None,
+    progress: bool = False,
     return_info: bool = False,
+    **solver_options: Any,
 ) -> Tensor | tuple[Tensor, LikelihoodInfo]:
     """Probability-flow latent: integrate ``dx/dt = F(x, t)`` from ``t_min`` up to ``t_max`` (default ``T``).
 
@@ -592,8 +724,23 @@ def encode(
     Options as :func:`log_likelihood`; :func:`decode` is its inverse up to the ODE tolerance.
     """
     t0, t1 = _interval(sde, t_min, t_max)
-    return _flow(sde, score, x, t0, t1, solver=solver, rtol=rtol, atol=atol, max_batch=max_batch,
-                 model_kwargs=model_kwargs, solver_options=solver_options, return_info=return_info)
+    return _flow(
+        sde,
+        score,
+        x,
+        t0,
+        t1,
+        solver=solver,
+        steps=steps,
+        grid=grid,
+        max_batch=max_batch,
+        model_kwargs=model_kwargs,
+        progress=progress,
+        solver_options=solver_options,
+        return_info=return_info,
+        entry="encode",
+        name="x",
+    )
 
 
 def decode(
@@ -601,15 +748,16 @@ def decode(
     score: ScoreFn,
     z: Tensor,
     *,
-    solver: str = "rk45",
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    solver: str | Solver = DEFAULT_SOLVER,
+    steps: int | None = None,
+    grid: str | None = None,
     t_min: float = 1e-5,
     t_max: float | None = None,
     max_batch: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
-    solver_options: dict[str, Any] | None = None,
+    progress: bool = False,
     return_info: bool = False,
+    **solver_options: Any,
 ) -> Tensor | tuple[Tensor, LikelihoodInfo]:
     """Data from a probability-flow latent: integrate from ``t_max`` (default ``T``) down to ``t_min``.
 
@@ -617,5 +765,20 @@ def decode(
     t_min=t_min)`` with these tolerances; the inverse of :func:`encode`.
     """
     t0, t1 = _interval(sde, t_min, t_max)
-    return _flow(sde, score, z, t1, t0, solver=solver, rtol=rtol, atol=atol, max_batch=max_batch,
-                 model_kwargs=model_kwargs, solver_options=solver_options, return_info=return_info, name="z")
+    return _flow(
+        sde,
+        score,
+        z,
+        t1,
+        t0,
+        solver=solver,
+        steps=steps,
+        grid=grid,
+        max_batch=max_batch,
+        model_kwargs=model_kwargs,
+        progress=progress,
+        solver_options=solver_options,
+        return_info=return_info,
+        entry="decode",
+        name="z",
+    )

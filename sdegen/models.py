@@ -16,7 +16,7 @@ function is the exact inverse, so round trips are identities up to rounding.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ScoreModel",
+    "PerSampleModel",
     "from_score",
     "from_epsilon",
     "from_denoiser",
@@ -86,6 +87,24 @@ def velocity_from_score(sde: LinearSDE, x: Tensor, t: Tensor, score: Tensor) -> 
     eps = -s * score
     x0 = (x + s**2 * score) / m
     return m * eps - s * x0
+
+
+@runtime_checkable
+class PerSampleModel(Protocol):
+    """A score model holding per-sample parameters (e.g. a ``(batch,)`` guidance weight).
+
+    sdegen evaluates models on subsets of the batch — ``max_batch`` chunks, adaptive solvers dropping
+    finished samples, distributed shards — and restricts such a model with ``for_samples`` so that sample
+    ``i`` keeps its own parameters. :class:`~sdegen.guidance.ClassifierFreeGuidance` and
+    :class:`~sdegen.guidance.ClassifierGuidance` implement it; implement it on your own wrapper if it holds
+    per-sample tensors.
+    """
+
+    def __call__(self, x: Tensor, t: Tensor, **kwargs) -> Tensor: ...
+
+    def for_samples(self, index: slice | Tensor, batch: int) -> Callable[..., Tensor]:
+        """The model restricted to the samples at ``index`` of a ``batch`` of the full size."""
+        ...
 
 
 # -- adapters -----------------------------------------------------------------------------------

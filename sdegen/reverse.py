@@ -1,16 +1,19 @@
 """Reverse-time dynamics derived from a forward SDE and a score: the ``λ`` family.
 
-For ``dx = f dt + G dw`` with ``D = G Gᵀ`` and noise scale ``λ ∈ [0, 1]`` (DESIGN.md §2)::
+For ``dx = f dt + G dw`` with ``D = G Gᵀ`` and noise scale ``λ ∈ [0, 1]`` (``docs/concepts.md``)::
 
     dx = [f − (1 + λ²)/2 · (∇·D + D ∇log p_t)] dt + λ G dw̄        (integrated from T down to t_min)
 
 ``λ = 1`` is the reverse SDE of Anderson (1982) / Song et al. (2021, eq. 6); ``λ = 0`` is the
-probability-flow ODE (eq. 13). All members share the marginals ``p_t`` of the forward SDE.
+probability-flow ODE (eq. 13). All members share the marginals ``p_t`` of the forward SDE. (``λ`` here
+is the *noise scale*; the log-SNR is always called ``log_snr`` in sdegen.)
 
-:class:`ReverseSDE` is a plain object holding that drift and diffusion — solvers only call
-``drift(x, t)`` and ``diffusion(x, t)`` on it. It also counts network evaluations (``nfe``) and
-records, without synchronising with the device, the first evaluation at which the score model
-returned a non-finite value, so the integrator can report it after the loop.
+:class:`ReverseSDE` is a plain object implementing the :class:`~sdegen.equation.Equation` protocol (and
+:class:`~sdegen.equation.AffineEquation` when the forward SDE has a Gaussian kernel): solvers call
+``drift(x, t)``, ``diffusion(x, t)`` and, for exponential integrators, ``marginal``/``score``/``denoise``.
+It counts network evaluations (``nfe``) and records, without synchronising with the device, the first
+evaluation at which the score model returned a non-finite value, so the integrator can report it after
+the loop.
 """
 
 from __future__ import annotations
@@ -21,20 +24,20 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ._utils import as_batch_time, bcast, first_nonfinite, time_dtype
+from ._batching import select_model
+from ._utils import as_batch_time, bcast, time_dtype
+from .equation import DEFAULT_NOISE_SCALE, EquationBase
 
 if TYPE_CHECKING:
     from .sde import SDE
 
 __all__ = ["ReverseSDE", "ScoreFn"]
 
-_FOLD_EVERY = 1024  # evaluations between folds of the non-finite flags (bounds their memory)
-
 ScoreFn = Callable[..., Tensor]
 """A score model: ``score(x, t) -> ∇_x log p_t(x)`` with ``x`` ``(batch, *dims)``, ``t`` ``(batch,)``."""
 
 
-class ReverseSDE:
+class ReverseSDE(EquationBase):
     """Reverse-time SDE (or probability-flow ODE when ``noise_scale == 0``) of ``sde`` under ``score``.
 
     Args:
@@ -48,8 +51,12 @@ class ReverseSDE:
         T, t_min: the forward SDE's time range.
     """
 
-    def __init__(self, sde: SDE, score: ScoreFn, noise_scale: float = 1.0, *, model_kwargs: dict | None = None):
+    def __init__(
+        self, sde: SDE, score: ScoreFn, noise_scale: float = DEFAULT_NOISE_SCALE, *, model_kwargs: dict | None = None
+    ):
         from .sde import SDE, LinearSDE
+
+        super().__init__()
 
         if not isinstance(sde, SDE):
             raise TypeError(f"sde must be an sdegen.SDE, got {type(sde).__name__}")
@@ -60,12 +67,12 @@ class ReverseSDE:
         if not 0.0 <= float(noise_scale) <= 1.0:
             raise ValueError(f"noise_scale must lie in [0, 1], got {noise_scale}")
         self.sde = sde
-        self.score_fn = score
         self.noise_scale = float(noise_scale)
-        self.model_kwargs = dict(model_kwargs or {})
         self.T = sde.T
         self.t_min = sde.t_min
-        self.nfe = 0
+        # the whole batch's model and conditioning; score_fn/model_kwargs are those of the selected samples
+        self._all = (score, dict(model_kwargs or {}))
+        self.score_fn, self.model_kwargs = self._all
         # affine drift a(t) x and additive g(t) not overridden anywhere: drift_from_score may then
         # compute the per-step coefficients on a scalar time directly (fewer ops per step)
         cls = type(sde)
@@ -79,10 +86,6 @@ class ReverseSDE:
             and getattr(sde._drift, "__func__", None) is LinearSDE._linear_drift
             and getattr(sde._diffusion, "__func__", None) is LinearSDE._linear_diffusion
         )
-        # non-finite tracking without a sync: one aminmax per evaluation, folded into the index of
-        # the first bad evaluation (a device tensor) when read or every _FOLD_EVERY evaluations
-        self._minmax: list[tuple[Tensor, Tensor]] = []
-        self._first_bad: Tensor | None = None
         self._grid: dict[int, tuple] | None = None  # see prepare_grid
 
     # -- structure the solvers may use -------------------------------------------------------------
@@ -97,13 +100,25 @@ class ReverseSDE:
         return self.sde.state_dependent
 
     @property
-    def has_marginal(self) -> bool:
+    def is_affine(self) -> bool:
         """True when the forward SDE is affine with a Gaussian kernel ``(m(t), s(t))``."""
         return hasattr(self.sde, "marginal")
 
+    def select_samples(self, index: Tensor | None, batch: int) -> None:
+        """Evaluate the model for the samples at ``index`` of the ``batch`` only (None: all of them).
+
+        Tensor ``model_kwargs`` whose leading dimension is ``batch`` (class labels, embeddings) and the
+        per-sample parameters of a :class:`~sdegen.models.PerSampleModel` (e.g. a ``(batch,)`` guidance
+        weight) follow the selection. Adaptive solvers call this when finished samples leave the batch.
+        """
+        score, kwargs = self._all
+        if index is not None:
+            score, kwargs = select_model(score, kwargs, batch, index)
+        self.score_fn, self.model_kwargs = score, kwargs
+
     def marginal(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """Kernel ``(m(t), s(t))`` of an affine forward SDE (for exponential integrators)."""
-        if not self.has_marginal:
+        if not self.is_affine:
             raise TypeError(f"{type(self.sde).__name__} has no closed-form marginal (m, s)")
         return self.sde.marginal(t)
 
@@ -157,34 +172,8 @@ class ReverseSDE:
             raise ValueError(f"score model returned a tensor on {out.device}, but x is on {x.device}")
         if out.dtype != x.dtype:
             out = out.to(x.dtype)  # mixed precision: a bf16 network under an fp32 solver state
-        # all finite <=> min and max finite (both propagate NaN): one reduction pass, no sync
-        self._minmax.append(torch.aminmax(out.detach()))  # detached: never keep a graph alive
-        self.nfe += 1
-        if len(self._minmax) >= _FOLD_EVERY:
-            self._fold()
+        self.record_evaluation(out)
         return out
-
-    def _fold(self) -> None:
-        """Fold the pending per-evaluation min/max into the index of the first bad evaluation."""
-        pending, self._minmax = self._minmax, []
-        if not pending:
-            return
-        first = first_nonfinite(pending, pending[0][0].device, offset=self.nfe - len(pending))
-        if self._first_bad is None:
-            self._first_bad = first
-        else:
-            self._first_bad = torch.where(self._first_bad >= 0, self._first_bad, first.to(self._first_bad.device))
-
-    @property
-    def _bad_eval(self) -> Tensor | None:
-        """First evaluation index with a non-finite score (-1: none), a device tensor; None before any."""
-        self._fold()
-        return self._first_bad
-
-    def first_bad_eval(self) -> int:
-        """Index of the first evaluation that returned NaN/Inf, or -1 (synchronises: call after a loop)."""
-        bad = self._bad_eval
-        return -1 if bad is None else int(bad.item())
 
     def drift_from_score(self, x: Tensor, t: Tensor, score: Tensor) -> Tensor:
         """Reverse drift given an already computed score (no network call)."""

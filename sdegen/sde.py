@@ -173,25 +173,44 @@ class LinearSDE(SDE):
         """Inverse of :meth:`log_snr`."""
         return self.t_from_sigma(torch.exp(-0.5 * torch.as_tensor(log_snr, dtype=torch.float64)))
 
+    def prior_std_at(self, t: float | None = None) -> float:
+        """Std of the isotropic Gaussian prior at time ``t`` (default ``T``): ``prior_std · s(t) / s(T)``.
+
+        At ``T`` this is the prior of the SDE (``N(0, I)`` for VP, ``N(0, σ_max² I)`` for VE and EDM). Below
+        ``T`` (sampling or computing likelihoods from ``t_max < T``) it is the perturbation kernel of a point
+        mass at the origin, ``N(0, s(t)²)``, rescaled to match the prior at ``T``: like the prior at ``T`` it
+        neglects the data's spread ``m(t)² Var[x_0]``, so it is only as exact as that is small against
+        ``s(t)²`` — least exact when ``t_max`` is far below ``T``.
+        """
+        if t is None or float(t) == self.T:
+            return float(self.prior_std)
+        t = float(t)
+        if not 0.0 < t <= self.T * (1 + 1e-12):
+            raise ValueError(f"the prior time must lie in (0, T={self.T}], got {t}")
+        s_t = float(self.marginal(torch.tensor(t, dtype=torch.float64))[1])
+        s_T = float(self.marginal(torch.tensor(self.T, dtype=torch.float64))[1])
+        return float(self.prior_std) * s_t / s_T
+
     def prior_sample(
         self,
         shape: tuple[int, ...],
         *,
+        t: float | None = None,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         noise: NoiseSource | None = None,
     ) -> Tensor:
-        """Draw ``x_T ~ N(0, prior_std² I)`` of ``shape`` (``shape[0]`` is the batch)."""
+        """Draw ``x ~ N(0, prior_std_at(t)² I)`` of ``shape`` (``shape[0]`` is the batch; ``t`` default ``T``)."""
         noise = noise or make_noise(generator)
         dtype = dtype or torch.get_default_dtype()
         device = torch.device(device) if device is not None else torch.device("cpu")
-        return self.prior_std * noise.normal(tuple(shape), device=device, dtype=dtype)
+        return self.prior_std_at(t) * noise.normal(tuple(shape), device=device, dtype=dtype)
 
-    def prior_log_prob(self, x: Tensor) -> Tensor:
-        """Log-density of the prior at ``x``, per sample: shape ``(batch,)``, in nats."""
+    def prior_log_prob(self, x: Tensor, t: float | None = None) -> Tensor:
+        """Log-density of the prior at time ``t`` (default ``T``) at ``x``, per sample: ``(batch,)`` nats."""
         d = math.prod(x.shape[1:])
-        var = self.prior_std**2
+        var = self.prior_std_at(t) ** 2
         return -0.5 * flat_sum(x**2) / var - 0.5 * d * math.log(2 * math.pi * var)
 
     def forward_sample(

@@ -15,7 +15,7 @@ import pytest
 import torch
 from scipy.integrate import solve_ivp
 
-from sdegen import SDE, VESDE, VPSDE, MaxStepsExceeded, available_solvers, get_solver, reverse_sample
+from sdegen import SDE, VESDE, VPSDE, MaxStepsExceeded, get_solver, reverse_sample
 from sdegen.testing.mixture import GaussianMixture
 
 GM = GaussianMixture(
@@ -77,7 +77,7 @@ def test_torchdiffeq_matches_scipy_at_every_output_time(vp_problem, method, opts
     # the model is never evaluated outside [t_min, T] (dopri5 without step_t would step below t_min)
     assert min(lo for lo, _ in seen) >= 1e-3 and max(hi for _, hi in seen) <= 1.0
     if method in ("dopri5", "dopri8", "bosh3"):
-        assert sol.stats["accepted"] > 0 and "rejected" in sol.stats
+        assert (sol.stats["accepted_steps"] > 0).all() and sol.stats["rejected_steps"].shape == (x_T.shape[0],)
 
 
 def test_plain_torchdiffeq_steps_past_t_min_and_the_backend_does_not():
@@ -107,8 +107,6 @@ def test_plain_torchdiffeq_steps_past_t_min_and_the_backend_does_not():
     "solver, opts, tol", [("heun", dict(steps=400), 5e-4), ("rk45", dict(rtol=1e-8, atol=1e-8), 1e-5)]
 )
 def test_torchdiffeq_agrees_with_sdegen_ode_solvers(vp_problem, solver, opts, tol):
-    if solver not in available_solvers():
-        pytest.skip(f"{solver} not available")
     sde, x_T, times, _ = vp_problem
     score = GM.perturbed(sde).score
     ours = reverse_sample(sde, score, x_T=x_T, solver=solver, noise_scale=0.0, **opts)

@@ -11,7 +11,7 @@ on the probability-flow ODE, and every SDE solver's declared strong order on Orn
 
 import pytest
 
-from sdegen.solvers import PathSolver, available_solvers, get_solver
+from sdegen.solvers import AdaptiveSolver, available_solvers, get_solver
 from sdegen.testing import GBMProblem, OUProblem, measure_order
 
 
@@ -49,40 +49,79 @@ def test_stochastic_heun_strong_order_one_on_additive_noise():
     _check(measure_order("heun", "ou", steps=[8, 16, 32, 64, 128], kind="strong"), 1.0)
 
 
-# -- every registered fixed-step solver meets its declared order ---------------------------------------
-def _fixed_step(name):
-    try:
-        slv = get_solver(name)
-    except TypeError as exc:
-        pytest.skip(f"solver {name!r} cannot be built without options: {exc}")
-    if isinstance(slv, PathSolver):
-        pytest.skip(f"{name!r} is adaptive (its error tracks rtol; covered by its own tests)")
-    return slv
+# -- every registered solver meets its declared order ----------------------------------------------------
+# What the order tests do with each registered solver. A new or renamed solver fails
+# test_every_solver_is_listed until it is listed here: a crash or a refusal is a failure, never a skip.
+ODE_ORDER = {
+    "euler_maruyama": "measure",
+    "heun": "measure",
+    "ddim": "measure",
+    "reverse_diffusion": "measure",
+    "dpmpp_2m": "measure",
+    "dpmpp_3m": "measure",
+    "edm": "measure",
+    "rk45": "adaptive",  # error tracks rtol: tests/test_adaptive.py
+    "tsit5": "adaptive",
+    "bosh3": "adaptive",
+    "ancestral": "sde only",
+    "langevin": "sde only",
+    "pc": "sde only",
+}
+STRONG_ORDER = {
+    "euler_maruyama": "measure",
+    "heun": "measure",
+    "reverse_diffusion": "measure",
+    "ddim": "affine only",  # needs the Gaussian kernel of a reverse-time equation; not a forward SDE
+    "ancestral": "none declared",
+    "dpmpp_2m": "none declared",
+    "dpmpp_3m": "none declared",
+    "edm": "none declared",
+    "langevin": "none declared",
+    "pc": "none declared",
+    "rk45": "none declared",
+    "tsit5": "none declared",
+    "bosh3": "none declared",
+}
 
 
-@pytest.mark.parametrize("name", available_solvers())
+def test_every_solver_is_listed():
+    assert set(available_solvers()) == set(ODE_ORDER) == set(STRONG_ORDER)
+
+
+@pytest.mark.parametrize("name", [n for n, v in ODE_ORDER.items() if v == "measure"])
 def test_declared_ode_order_is_reached(name):
     """Measured slope on the probability-flow ODE is at least the declared ``order`` − 0.25 (a
     solver may do better on this smooth problem, never worse). 16..256 steps: multistep methods
     are pre-asymptotic at 8 (dpmpp_3m: 2.69 over 8..128, 3.03 over 16..256)."""
-    slv = _fixed_step(name)
-    if not slv.supports_ode:
-        pytest.skip(f"solver {name!r} does not integrate ODEs")
-    try:
-        result = measure_order(slv, "pf_ode", steps=[16, 32, 64, 128, 256])
-    except ValueError as exc:
-        pytest.skip(f"solver {name!r} refuses the probability-flow ODE: {exc}")
+    slv = get_solver(name)
+    result = measure_order(slv, "pf_ode", steps=[16, 32, 64, 128, 256])
     assert result.slope > slv.order - 0.25, str(result)
 
 
-@pytest.mark.parametrize("name", available_solvers())
+@pytest.mark.parametrize("name", [n for n, v in ODE_ORDER.items() if v != "measure"])
+def test_solvers_without_a_measured_ode_order_say_why(name):
+    slv = get_solver(name)
+    if ODE_ORDER[name] == "adaptive":
+        assert isinstance(slv, AdaptiveSolver)
+        with pytest.raises(TypeError, match="chooses its own steps"):
+            measure_order(slv, "pf_ode", steps=[16, 32])
+    else:
+        assert not slv.supports_ode
+
+
+@pytest.mark.parametrize("name", [n for n, v in STRONG_ORDER.items() if v == "measure"])
 def test_declared_strong_order_is_reached_on_additive_noise(name):
     """Measured strong slope on OU is at least the declared ``strong_order`` − 0.25."""
-    slv = _fixed_step(name)
-    if not slv.supports_sde or slv.strong_order is None:
-        pytest.skip(f"solver {name!r} declares no strong order")
-    try:
-        result = measure_order(slv, "ou", steps=[8, 16, 32, 64, 128], kind="strong", n_paths=500)
-    except (ValueError, TypeError, RuntimeError, AttributeError) as exc:
-        pytest.skip(f"solver {name!r} cannot run pathwise on a forward SDE ({type(exc).__name__}: {exc})")
+    slv = get_solver(name)
+    result = measure_order(slv, "ou", steps=[8, 16, 32, 64, 128], kind="strong", n_paths=500)
     assert result.slope > slv.strong_order - 0.25, str(result)
+
+
+@pytest.mark.parametrize("name", [n for n, v in STRONG_ORDER.items() if v != "measure"])
+def test_solvers_without_a_measured_strong_order_say_why(name):
+    slv = get_solver(name)
+    if STRONG_ORDER[name] == "none declared":
+        assert slv.strong_order is None or not slv.supports_sde
+    else:
+        with pytest.raises(ValueError, match="affine"):
+            measure_order(slv, "ou", steps=[8, 16], kind="strong", n_paths=10)

@@ -11,8 +11,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(cmd, timeout=300, **kw):
-    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+def _run(cmd, timeout=300, out=None, **kw):
+    # examples write their figures to SDEGEN_EXAMPLES_OUT: a temporary folder, never the source tree
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg", PYTHONPATH=str(ROOT))
+    if out is not None:
+        env["SDEGEN_EXAMPLES_OUT"] = str(out)
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env, **kw)
 
 
@@ -29,8 +32,8 @@ def test_docs_build_strict(tmp_path):
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
 
 
-def test_quickstart_example_runs():
-    res = _run([sys.executable, "examples/quickstart.py"])
+def test_quickstart_example_runs(tmp_path):
+    res = _run([sys.executable, "examples/quickstart.py"], out=tmp_path)
     assert res.returncode == 0, res.stderr[-4000:]
     assert "heun (probability-flow ODE)" in res.stdout
 
@@ -46,9 +49,16 @@ def test_quickstart_example_runs():
     ],
     ids=lambda s: s[0].split("/")[-1],
 )
-def test_example_scripts_run(script):
+def test_example_scripts_run(script, tmp_path):
     """Every example runs end to end as a script (smoke runs where it has a --quick mode)."""
     if "diffusers" in script[0]:
         pytest.importorskip("diffusers")
-    res = _run([sys.executable, *script], timeout=600)
+    res = _run([sys.executable, *script], timeout=600, out=tmp_path)
+    assert not (ROOT / "examples" / "out").exists() or _untouched(ROOT / "examples" / "out", tmp_path)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+
+
+def _untouched(folder: Path, since: Path) -> bool:
+    """No file in ``folder`` is newer than ``since`` (made at the start of the test): nothing was written there."""
+    start = since.stat().st_mtime
+    return all(f.stat().st_mtime < start for f in folder.rglob("*") if f.is_file())

@@ -61,7 +61,7 @@ def test_lambda_family_drift_and_diffusion():
         torch.testing.assert_close(eq.drift(x, t), expected)
         torch.testing.assert_close(eq.diffusion(x, t), lam * beta.sqrt())
         assert eq.is_ode == (lam == 0.0)
-    assert not hasattr(eq, "marginal") or eq.has_marginal
+    assert not hasattr(eq, "marginal") or eq.is_affine
     assert not isinstance(eq, VPSDE), "reverse dynamics are plain objects, not subclasses of the SDE"
 
 

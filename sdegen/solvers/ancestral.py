@@ -33,11 +33,10 @@ discretisation of the reverse SDE. NFE = 1 per step.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
+from ..equation import AffineEquation, Equation, require_affine
 from ..noise import normal_like
 from .base import Solver
 
@@ -46,7 +45,7 @@ __all__ = ["Ancestral", "transition"]
 VARIANCES = ("beta", "posterior")
 
 
-def transition(eq: Any, t: Tensor, t_next: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def transition(eq: AffineEquation, t: Tensor, t_next: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Forward transition ``x_t = a x_{t_next} + b ξ`` between two times of an affine SDE.
 
     Returns ``(a, b², s(t_next)²/s(t)²)`` as 0-d tensors in the times' dtype (``b² >= 0``).
@@ -77,14 +76,9 @@ class Ancestral(Solver):
             raise ValueError(f"solver 'ancestral': variance must be one of {VARIANCES}, got {variance!r}")
         self.variance = variance
 
-    def check(self, eq: Any) -> None:
+    def check(self, eq: Equation) -> None:
         super().check(eq)
-        if not getattr(eq, "has_marginal", False):
-            raise ValueError(
-                "solver 'ancestral' needs an affine SDE with a Gaussian kernel (VPSDE, VESDE, SubVPSDE, EDMSDE); "
-                "use 'euler_maruyama' for a general SDE"
-            )
-        if getattr(eq, "noise_scale", 1.0) != 1.0:
+        if require_affine(eq, self.name).noise_scale != 1.0:
             raise ValueError(
                 "solver 'ancestral' samples the reverse SDE (noise_scale=1); for an interpolation towards the "
                 "probability-flow ODE use 'ddim' (eta) or another solver"

@@ -27,15 +27,14 @@ Options:
         pass ``noise_scale=eta`` too.
 
 One score evaluation per step; ``noise`` is drawn only when ``σ_η > 0``. With ``noise=None`` (a
-``final_step="noiseless"`` step) the step returns its mean. Needs an affine SDE (``eq.has_marginal``).
+``final_step="noiseless"`` step) the step returns its mean. Needs an affine SDE (``eq.is_affine``).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
+from ..equation import Equation, require_affine
 from ..noise import normal_like
 from .base import Solver
 
@@ -62,14 +61,13 @@ class DDIM(Solver):
             eta = float(eta)
         self.eta = eta
 
-    def check(self, eq: Any) -> None:
+    default_noise_scale = 0.0  # DDIM's natural use is deterministic (η = 0)
+    default_grid = "uniform"
+    default_steps = 50
+
+    def check(self, eq: Equation) -> None:
         super().check(eq)
-        if not getattr(eq, "has_marginal", False):
-            raise ValueError(
-                "solver 'ddim' needs an affine SDE with a Gaussian kernel (m, s), e.g. VPSDE, DiscreteVPSDE, "
-                "VESDE, SubVPSDE or EDMSDE"
-            )
-        lam = float(getattr(eq, "noise_scale", 0.0))
+        lam = require_affine(eq, self.name).noise_scale
         if self.eta is not None and lam != self.eta:
             raise ValueError(
                 f"solver 'ddim' got eta={self.eta} but noise_scale={lam}: DDIM's eta is the noise scale of "
@@ -84,7 +82,7 @@ class DDIM(Solver):
         s_x, m_x, s1_x, m1_x = (v.to(x.dtype) for v in (s, m, s1, m1))
         eps = -s_x * score
         x0 = (x - s_x * eps) / m_x
-        lam = float(getattr(eq, "noise_scale", 0.0))
+        lam = eq.noise_scale
         eta = self.eta if self.eta is not None else lam
         if eta == 0.0:
             return m1_x * x0 + s1_x * eps, state

@@ -51,6 +51,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..equation import Equation, require_affine
 from .base import Solver
 
 __all__ = ["DPMSolverPP2M", "DPMSolverPP3M"]
@@ -96,13 +97,9 @@ class _DPMSolverPPMultistep(Solver):
             raise TypeError(f"lower_order_final must be a bool, got {lower_order_final!r}")
         self.lower_order_final = lower_order_final
 
-    def check(self, eq: Any) -> None:
+    def check(self, eq: Equation) -> None:
         super().check(eq)
-        if not getattr(eq, "has_marginal", False):
-            raise ValueError(
-                f"solver {self.name!r} needs an affine SDE with a Gaussian kernel (m, s), "
-                "e.g. VPSDE, VESDE, SubVPSDE or EDMSDE"
-            )
+        require_affine(eq, self.name)
 
     def _orders(self, n: int) -> list[int]:
         p = int(self.order)

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..equation import Equation, require_affine
 from ..noise import normal_like
 from .base import Solver
 
@@ -109,14 +110,13 @@ class EDMSampler(Solver):
         if self.S_noise < 0 or math.isinf(self.S_noise):
             raise ValueError(f"S_noise must be finite and >= 0, got {S_noise}")
 
-    def check(self, eq: Any) -> None:
+    def check(self, eq: Equation) -> None:
         if not eq.is_ode:
             raise ValueError(
-                "solver 'edm' integrates the probability-flow ODE: use noise_scale=0 "
+                "solver 'edm' integrates the probability-flow ODE: use noise_scale=0, its default "
                 "(its stochasticity comes from S_churn)"
             )
-        if not getattr(eq, "has_marginal", False):
-            raise ValueError("solver 'edm' needs an affine SDE with a Gaussian kernel (m, s), e.g. EDMSDE or VPSDE")
+        require_affine(eq, self.name)
 
     def init_state(self, eq: Any, x: Tensor, times: Tensor) -> _EDMState:
         """σ, m at the grid and the churned ``t̂, σ̂`` of every step (bisection on the device)."""

@@ -31,7 +31,7 @@ score_sde's extra VP factor ``α_i = 1 − β_i`` (→ 1 as the grid is refined)
   ``ε`` and ``r`` are related by ``r² = ε / (4 σ_L²)`` (NCSN's setting is ``r ≈ 0.22``).
 
 With ``noise=None`` (e.g. the last step under ``final_step="noiseless"``) the steps add no noise
-(gradient ascent on ``log p_t``). Needs an affine SDE (``eq.has_marginal``) for ``s(t)``; the noise
+(gradient ascent on ``log p_t``). Needs an affine SDE (``eq.is_affine``) for ``s(t)``; the noise
 scale ``λ`` of the equation is not used (but must be ``> 0``: this is a stochastic sampler).
 """
 
@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..equation import AffineEquation, Equation, require_affine
 from ..noise import NoiseSource, normal_like
 from .base import Solver
 
@@ -67,21 +68,14 @@ def count_option(solver: str, name: str, value: Any, minimum: int) -> int:
     return value
 
 
-def check_marginal(solver: str, eq: Any) -> None:
-    """Raise ``ValueError`` unless ``eq`` has the Gaussian kernel ``(m, s)`` Langevin steps need."""
-    if not getattr(eq, "has_marginal", False):
-        raise ValueError(
-            f"solver {solver!r} sets its Langevin step from the noise level s(t) and needs an affine SDE "
-            "with a Gaussian kernel (VPSDE, VESDE, SubVPSDE, EDMSDE)"
-        )
-
-
-def noise_std(eq: Any, t: Tensor) -> Tensor:
+def noise_std(eq: AffineEquation, t: Tensor) -> Tensor:
     """``s(t)``, the std of the kernel's noise in x-space (0-d or ``(batch,)`` like ``t``)."""
     return eq.marginal(t)[1]
 
 
-def langevin_steps(eq: Any, x: Tensor, t: Tensor, noise: NoiseSource | None, n: int, delta: Tensor) -> Tensor:
+def langevin_steps(
+    eq: AffineEquation, x: Tensor, t: Tensor, noise: NoiseSource | None, n: int, delta: Tensor
+) -> Tensor:
     """``n`` unadjusted Langevin steps ``x ← x + δ ∇log p_t(x) + √(2δ) z`` at the fixed time ``t``.
 
     Args:
@@ -131,10 +125,10 @@ class AnnealedLangevin(Solver):
             self.snr = 0.16
         self.nfe_per_step = self.n_steps_each
 
-    def check(self, eq: Any) -> None:
+    def check(self, eq: Equation) -> None:
         if eq.is_ode:
             raise ValueError("solver 'langevin' is a stochastic sampler: use noise_scale > 0 (it ignores λ otherwise)")
-        check_marginal(self.name, eq)
+        require_affine(eq, self.name)
 
     def init_state(self, eq: Any, x: Tensor, times: Tensor) -> Tensor:
         """``σ_L = s(t_N)``, the smallest noise level of the grid (0-d tensor)."""

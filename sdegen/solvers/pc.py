@@ -50,8 +50,9 @@ from typing import Any
 
 from torch import Tensor
 
+from ..equation import Equation, require_affine
 from .base import PathSolver, Solver
-from .langevin import check_marginal, count_option, langevin_steps, noise_std, positive_option
+from .langevin import count_option, langevin_steps, noise_std, positive_option
 
 __all__ = ["PredictorCorrector"]
 
@@ -98,12 +99,12 @@ class PredictorCorrector(Solver):
         self.nfe_per_step = self.predictor.nfe_per_step + self.n_corrector
         self.order = self.predictor.order
 
-    def check(self, eq: Any) -> None:
+    def check(self, eq: Equation) -> None:
         if eq.is_ode:
             raise ValueError("solver 'pc' samples the reverse SDE: use noise_scale > 0 (its corrector is stochastic)")
         self.predictor.check(eq)
         if self.n_corrector > 0:
-            check_marginal(self.name, eq)
+            require_affine(eq, self.name)
 
     def init_state(self, eq: Any, x: Tensor, times: Tensor) -> Any:
         return self.predictor.init_state(eq, x, times)

@@ -46,9 +46,9 @@ class ReverseDiffusion(Solver):
         self._fallback = EulerMaruyama()
 
     def step(self, eq, x, t, t_next, noise, state):
-        if not getattr(eq, "has_marginal", False):
+        if not eq.is_affine:
             return self._fallback.step(eq, x, t, t_next, noise, state)
-        lam = 0.0 if eq.is_ode else float(getattr(eq, "noise_scale", 1.0))
+        lam = 0.0 if eq.is_ode else eq.noise_scale
         a, b2, _ = transition(eq, t, t_next)
         a, b2 = a.to(x.dtype), b2.to(x.dtype)
         x_next = (2.0 - a) * x + (0.5 * (1.0 + lam**2)) * b2 * eq.score(x, t)

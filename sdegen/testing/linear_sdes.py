@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .._utils import as_batch_time, bcast
+from ..equation import EquationBase
 from ..sde import SDE, LinearSDE, _positive
 
 __all__ = [
@@ -215,25 +216,24 @@ class GeometricBrownianMotion(SDE):
         return f"GeometricBrownianMotion(mu={self.mu.tolist()}, sigma={self.sigma_gbm.tolist()}, T={self.T})"
 
 
-class ForwardEquation:
-    """A forward SDE seen as an equation that sdegen's solvers integrate, on an increasing grid.
+class ForwardEquation(EquationBase):
+    """A forward SDE seen as an :class:`~sdegen.equation.Equation` that sdegen's solvers integrate.
 
     ``integrate(ForwardEquation(sde), x0, times, solver, noise)`` with increasing ``times`` solves
-    ``dx = f dt + G dw`` forward in time (``h > 0``). Drift evaluations are counted in :attr:`nfe`.
+    ``dx = f dt + G dw`` forward in time (``h > 0``). Drift evaluations are counted in :attr:`nfe` and
+    checked for NaN/Inf like network evaluations. Not affine (exponential integrators refuse it).
 
     Args:
         sde: any :class:`~sdegen.SDE`.
         ode: integrate only the drift, ``dx = f dt`` (a deterministic equation).
     """
 
-    has_marginal = False
-
     def __init__(self, sde: SDE, *, ode: bool = False):
         if not isinstance(sde, SDE):
             raise TypeError(f"sde must be an sdegen.SDE, got {type(sde).__name__}")
+        super().__init__()
         self.sde = sde
         self._ode = bool(ode)
-        self.nfe = 0
         self.T, self.t_min = sde.T, sde.t_min
 
     @property
@@ -246,8 +246,9 @@ class ForwardEquation:
 
     def drift(self, x: Tensor, t: Tensor) -> Tensor:
         """``f(x, t)`` (counted in :attr:`nfe`)."""
-        self.nfe += 1
-        return self.sde.drift(x, as_batch_time(t, x))
+        out = self.sde.drift(x, as_batch_time(t, x))
+        self.record_evaluation(out)
+        return out
 
     def diffusion(self, x: Tensor, t: Tensor) -> Tensor:
         """``G(x, t)`` broadcastable to ``x`` (zero for ``ode=True``)."""

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..integrate import integrate
 from ..sde import SDE, VPSDE, LinearSDE
-from ..solvers import PathSolver, Solver, get_solver
+from ..solvers import AdaptiveSolver, PathSolver, Solver, get_solver
 from .linear_sdes import BrownianPath, ForwardEquation, GeometricBrownianMotion, OrnsteinUhlenbeck
 from .mixture import GaussianMixture
 
@@ -362,11 +362,11 @@ def measure_order(
         :class:`OrderResult` (slope, intercept, r², errors, their standard errors).
 
     Only solvers that draw one Brownian increment per step can be driven pathwise (strong/weak);
-    others raise ``RuntimeError``. Adaptive :class:`~sdegen.solvers.PathSolver` s choose their own
-    steps and are refused with ``TypeError``.
+    others raise ``RuntimeError``. Adaptive solvers and backends choose their own steps and are refused
+    with ``TypeError``.
     """
     slv = get_solver(solver, **solver_options)
-    if isinstance(slv, PathSolver):
+    if isinstance(slv, PathSolver | AdaptiveSolver):
         raise TypeError(f"measure_order needs a fixed-step solver; {slv.name!r} chooses its own steps")
     if isinstance(problem, str):
         if problem not in PROBLEMS:
