@@ -304,10 +304,10 @@ def test_every_solver_is_batch_and_chunk_invariant_with_seed(solver):
 def test_per_sample_uniform_stays_below_one_in_narrow_dtypes():
     from sdegen.noise import PerSampleNoise
 
-    class TopWords(PerSampleNoise):  # the largest hash word, 2**32 - 1, which rounds to 1.0 in float32
-        def _words(self, shape, device):
-            w = torch.full(shape, 2**32 - 1, dtype=torch.int64, device=device)
-            return w, w
+    class TopWords(PerSampleNoise):  # the largest Philox word, 2**32 - 1: (2**32 - 1) * 2**-32 rounds to 1.0 in float32
+        def _blocks(self, batch, blocks, device):
+            w = torch.full((batch, blocks), 2**32 - 1, dtype=torch.int64, device=device)
+            return w, w, w, w
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         u = TopWords(0).uniform((2, 3), device="cpu", dtype=dtype)
