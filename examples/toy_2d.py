@@ -4,7 +4,7 @@ The workflow users expect from a diffusion library, end to end, in about a minut
 
 1. data: two moons (``sklearn.datasets.make_moons``), a checkerboard or a Gaussian ring (torch);
 2. model: a 3-layer MLP with a sinusoidal time embedding, predicting the noise ``ε`` (DDPM);
-3. training: :func:`sdegen.losses.dsm_loss` (denoising score matching, ``λ(t) = s(t)²``) on the VP SDE;
+3. training: :func:`sdegen.losses.dsm_loss` (denoising score matching, ``ω(t) = s(t)²``) on the VP SDE;
 4. sampling: :func:`sdegen.reverse_sample` with each solver in :func:`sdegen.available_solvers`, each
    with settings that suit it (reverse SDE or probability-flow ODE, steps, grid), and a few
    trajectories saved with ``save_at="all"``;

@@ -21,7 +21,7 @@ def chunks(batch: int, max_batch: int | None) -> list[slice]:
     """Slices of at most ``max_batch`` samples covering ``range(batch)`` (one slice when None)."""
     if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
         raise ValueError(f"max_batch must be a positive int or None, got {max_batch!r}")
-    size = max_batch or batch
+    size = max_batch or max(batch, 1)
     return [slice(s, min(batch, s + size)) for s in range(0, batch, size)]
 
 

@@ -38,6 +38,7 @@ backend's device — CUDA for ``nccl`` (``torch.cuda.current_device()``; set it 
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -195,8 +196,9 @@ def log_likelihood(
         gather, group: as in :func:`sample`.
         device: where to compute (default: where the data lives); chunks are moved there one at a time.
         model_kwargs: conditioning; tensors whose first dimension is ``n`` are sliced per sample.
-        **kwargs: options of :func:`sdegen.likelihood.log_likelihood` (trace, probes, rtol, atol,
-            return_latent, ...). With several returned tensors, each is gathered.
+        **kwargs: options of :func:`sdegen.likelihood.log_likelihood` (trace, probes, solver — a name or a
+            :class:`~sdegen.solvers.Solver` —, its options such as rtol, atol, return_latent, ...). With several
+            returned tensors, each is gathered.
 
     Returns:
         What :func:`sdegen.likelihood.log_likelihood` returns, for all ``n`` rows in global order
@@ -281,13 +283,29 @@ def _finish(compute: Callable[[], Result | None], n_total: int, gather, group, r
     except Exception as exc:  # re-raised below, after every rank has learnt about it
         error = exc
     comm = _comm_device(group, _device_of(local))
-    flags = [torch.zeros(1, dtype=torch.int64, device=comm) for _ in range(world)]
-    dist.all_gather(flags, torch.tensor([int(error is not None)], dtype=torch.int64, device=comm), group=group)
-    failed = [r for r, f in enumerate(torch.cat(flags).tolist()) if f]
+    # one status gather: did each rank fail, and do all ranks agree on the size and layout of the result?
+    # (ranks that disagree would otherwise abort the process group inside the gathers below)
+    layout = _layout(local) if error is None else None
+    mine = [int(error is not None), n_total, -1 if layout is None else zlib.crc32(repr(layout).encode())]
+    flags = [torch.zeros(3, dtype=torch.int64, device=comm) for _ in range(world)]
+    dist.all_gather(flags, torch.tensor(mine, dtype=torch.int64, device=comm), group=group)
+    status = torch.stack(flags).tolist()
+    failed = [r for r, f in enumerate(status) if f[0]]
     if error is not None:
         raise error
     if failed:
         raise RuntimeError(f"sdegen.distributed: rank(s) {failed} of group {_group_name(group)} failed; see their logs")
+    totals = [f[1] for f in status]
+    if len(set(totals)) > 1:
+        raise ValueError(
+            f"sdegen.distributed: the ranks of group {_group_name(group)} disagree on the number of samples "
+            f"(n_total / len(data) per rank: {totals}); every rank must pass the same data set or n_total"
+        )
+    if len({f[2] for f in status if f[2] >= 0}) > 1:
+        raise ValueError(
+            f"sdegen.distributed: the ranks of group {_group_name(group)} computed results of different shapes or "
+            "dtypes (different data dims, dtype or options per rank); every rank must make the same call"
+        )
 
     sizes = _shard_sizes(n_total, world)
     meta = _layout(local)

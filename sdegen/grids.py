@@ -8,7 +8,7 @@ integrator. Every grid has ``steps + 1`` points, starts exactly at ``t_max`` and
 * ``"quadratic"``: uniform in ``√t`` — denser near the data (DDIM's "quad" spacing, Song et al. 2021a).
 * ``"edm"``: the Karras et al. (2022, eq. 5) ρ-schedule on the noise level ``σ = s/m``,
   ``σ_i = (σ_max^{1/ρ} + i/N (σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ``, mapped back to ``t``; ``ρ = 7``.
-* ``"log_snr"``: uniform in ``λ = log(m²/s²)`` (DPM-Solver's recommended spacing, Lu et al. 2022).
+* ``"log_snr"``: uniform in the log-SNR ``log(m²/s²)`` (DPM-Solver's recommended spacing, Lu et al. 2022).
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from ._utils import as_batch_time, bcast
+from .models import DenoisingModel
 
 __all__ = ["classifier_free", "classifier_guidance", "ClassifierFreeGuidance", "ClassifierGuidance"]
 
@@ -117,7 +118,8 @@ class ClassifierFreeGuidance:
             return torch.full_like(cond, u)
         return torch.broadcast_to(u.to(device=cond.device, dtype=cond.dtype), cond.shape)
 
-    def __call__(self, x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
+    def _doubled(self, x: Tensor, t: Tensor, kwargs: dict) -> tuple[Tensor, Tensor, dict]:
+        """The conditional and unconditional halves as one batch: ``(x, t, kwargs)`` of size ``2 · batch``."""
         if self.cond_kwarg not in kwargs:
             raise TypeError(
                 f"classifier-free guidance needs the condition as keyword {self.cond_kwarg!r}: "
@@ -136,9 +138,25 @@ class ClassifierFreeGuidance:
             if k != self.cond_kwarg
         }
         both_kwargs[self.cond_kwarg] = torch.cat([cond, self._null(cond)])
-        out = self.model(torch.cat([x, x]), torch.cat([tb, tb]), **both_kwargs)
-        s_c, s_u = out[:b], out[b:]
-        return s_u + _per_sample("w", self.w, s_c) * (s_c - s_u)
+        return torch.cat([x, x]), torch.cat([tb, tb]), both_kwargs
+
+    def _combine(self, out: Tensor, b: int) -> Tensor:
+        c, u = out[:b], out[b:]
+        return u + _per_sample("w", self.w, c) * (c - u)
+
+    def __call__(self, x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
+        x2, t2, kw2 = self._doubled(x, t, kwargs)
+        return self._combine(self.model(x2, t2, **kw2), x.shape[0])
+
+    def predict(self, x: Tensor, t: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+        """``(guided score, guided x̂0)`` from one batched call: guidance is linear, so the guided ``x̂0`` is
+        ``x̂0_u + w (x̂0_c − x̂0_u)`` (None when the model gives no ``x̂0`` of its own)."""
+        if not isinstance(self.model, DenoisingModel):
+            return self(x, t, **kwargs), None
+        x2, t2, kw2 = self._doubled(x, t, kwargs)
+        score, x0 = self.model.predict(x2, t2, **kw2)
+        b = x.shape[0]
+        return self._combine(score, b), None if x0 is None else self._combine(x0, b)
 
     def for_samples(self, index: slice | Tensor, batch: int) -> ClassifierFreeGuidance:
         """This guidance restricted to the samples at ``index`` of a ``batch`` (a ``(batch,)`` ``w`` is indexed)."""

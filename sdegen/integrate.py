@@ -39,6 +39,7 @@ __all__ = ["Solution", "integrate", "solve_ivp", "FunctionEquation", "FINAL_STEP
 
 FINAL_STEPS = ("none", "noiseless", "tweedie")
 _BAD_START = "the initial state contains NaN/Inf (check x_T / the data passed in)"
+_NONFINITE_RETRIES = 8  # consecutive non-finite attempts (each shrinking h by the controller's factor_min)
 
 
 @dataclass
@@ -308,6 +309,7 @@ def _adaptive_loop(eq, x, times_cpu, tdev, solver: AdaptiveSolver, save_at, call
         )
         cst = ctrl.init(batch, dev)
         nxt = torch.ones(batch, dtype=torch.long, device=dev)
+        bad_run = torch.zeros(batch, dtype=torch.long, device=dev)  # consecutive non-finite attempts per sample
         n_acc = torch.zeros(batch, dtype=torch.long, device=dev)
         n_rej = torch.zeros(batch, dtype=torch.long, device=dev)
         success = torch.ones(batch, dtype=torch.bool, device=dev)
@@ -329,17 +331,21 @@ def _adaptive_loop(eq, x, times_cpu, tdev, solver: AdaptiveSolver, save_at, call
             en = ctrl.error_ratio(att.error, y, att.x, eq.error_norm)
             check = att.derivative if att.derivative is not None else att.x
             finite = torch.isfinite(en) & torch.isfinite(check.reshape(check.shape[0], -1)).all(1)
+            # a non-finite trial step (an unstable stage on a stiff stretch) is rejected and shrunk; a sample
+            # whose attempts stay non-finite _NONFINITE_RETRIES times in a row has a model returning NaN/Inf
             accept, h, cst = ctrl.adapt(hs, en, finite, solver.error_order, cst)
+            bad_run = torch.where(finite, torch.zeros_like(bad_run), bad_run + 1)
             n_acc[ids] += accept.long()
             n_rej[ids] += (~accept).long()
             done = accept & last
             ncov = torch.searchsorted(key, direction * t_new, right=True)
             nemit = torch.where(accept, ncov - nxt, torch.zeros_like(nxt)).clamp_min(0)
             stuck = ~done & (h < tiny)
-            flags = torch.stack([(~finite).any().long(), nemit.max(), (done | stuck).any().long(), stuck.any().long()])
-            any_bad, max_emit, any_leave, any_stuck = flags.tolist()  # the step's one synchronisation
-            if any_bad:
-                bad = ~finite
+            flags = torch.stack([bad_run.max(), nemit.max(), (done | stuck).any().long(), stuck.any().long()])
+            worst_run, max_emit, any_leave, any_stuck = flags.tolist()  # the step's one synchronisation
+            if worst_run >= _NONFINITE_RETRIES or (any_stuck and bool((stuck & (bad_run > 0)).any())):
+                # NaN/Inf that shrinking the step does not cure: the model (or the equation) returns it
+                bad = (bad_run >= _NONFINITE_RETRIES) | (stuck & (bad_run > 0))
                 _raise_if_nonfinite_rows(eq, name, None, ids[bad], t[bad], hsig[bad], it, "in a step", nfe0)
             for r in range(max_emit):  # output times inside the step: dense output
                 sel = (nemit > r).nonzero().squeeze(1)
@@ -371,7 +377,7 @@ def _adaptive_loop(eq, x, times_cpu, tdev, solver: AdaptiveSolver, save_at, call
                 _mark_failed(states, ids[stuck], y[stuck], nxt[stuck], t[stuck], success, t_reached)
             if any_leave:
                 keep = ~(done | stuck)
-                ids, y, t, h, nxt = ids[keep], y[keep], t[keep], h[keep], nxt[keep]
+                ids, y, t, h, nxt, bad_run = ids[keep], y[keep], t[keep], h[keep], nxt[keep], bad_run[keep]
                 sstate = tuple(v[keep] for v in sstate)
                 cst = cst.select(keep)
                 eq.select_samples(ids, batch)

@@ -1,22 +1,22 @@
 """Training losses: denoising score matching for affine-drift SDEs.
 
 The objective (Song et al. 2021, "Score-Based Generative Modeling through SDEs", eq. 7; Vincent 2011)
-is λ-weighted denoising score matching, averaged uniformly over ``t ∈ [t_eps, T]``::
+is ω-weighted denoising score matching, averaged uniformly over ``t ∈ [t_eps, T]``::
 
-    J(θ; λ) = E_{t ~ U(t_eps, T)} E_{x0, z} [ λ(t) ‖ s_θ(x_t, t) − ∇ log p(x_t | x0) ‖² ],
+    J(θ; ω) = E_{t ~ U(t_eps, T)} E_{x0, z} [ ω(t) ‖ s_θ(x_t, t) − ∇ log p(x_t | x0) ‖² ],
     x_t = m(t) x0 + s(t) z,    ∇ log p(x_t | x0) = −z / s(t),
 
 with ``‖·‖²`` summed over every non-batch dimension. Two weightings are provided:
 
-* ``λ(t) = s(t)²`` (default) — the "ε-matching" weighting of DDPM (Ho et al. 2020, "L_simple") and
+* ``ω(t) = s(t)²`` (default) — the "ε-matching" weighting of DDPM (Ho et al. 2020, "L_simple") and
   score_sde (``reduce_mean=False``): for an ε-network it is exactly ``‖ε̂ − z‖²``.
-* ``λ(t) = g(t)²`` (``likelihood_weighting=True``) — Song, Durkan, Murray & Ermon 2021, "Maximum
-  likelihood training of score-based diffusion models", Thm 1: ``½ ∫ λ E‖s_θ − ∇log p_t‖² dt``
-  with ``λ = g²`` bounds ``KL(p_0 ‖ p_θ)`` up to ``KL(p_T ‖ π)``, so
+* ``ω(t) = g(t)²`` (``likelihood_weighting=True``) — Song, Durkan, Murray & Ermon 2021, "Maximum
+  likelihood training of score-based diffusion models", Thm 1: ``½ ∫ ω E‖s_θ − ∇log p_t‖² dt``
+  with ``ω = g²`` bounds ``KL(p_0 ‖ p_θ)`` up to ``KL(p_T ‖ π)``, so
   ``(T − t_eps)/2 · J(θ; g²)`` is (up to a θ-independent constant) the negative ELBO in nats.
 
 **Every parametrisation optimises the same J**; only the network head differs. Writing
-``w(t) = λ(t) / s(t)²`` (``1`` for the default weighting, ``g²/s²`` for likelihood weighting), the
+``w(t) = ω(t) / s(t)²`` (``1`` for the default weighting, ``g²/s²`` for likelihood weighting), the
 regression actually computed, per sample, is:
 
 | parametrisation | network predicts | regression target | weight on ``‖pred − target‖²`` |
@@ -130,7 +130,7 @@ def dsm_loss(
     model_kwargs: dict[str, Any] | None = None,
     reduce: str = "mean",
 ) -> Tensor:
-    """Denoising score-matching loss ``J(θ; λ)`` of a network on a batch of data (see module docstring).
+    """Denoising score-matching loss ``J(θ; ω)`` of a network on a batch of data (see module docstring).
 
     Draws ``t ~ U(t_eps, T)`` (one time per sample), ``x_t = m x0 + s z`` with
     :meth:`~sdegen.LinearSDE.forward_sample`, calls ``model(x_t, t, **model_kwargs)`` and returns the
@@ -147,13 +147,13 @@ def dsm_loss(
         x0: clean data ``(batch, *dims)``.
         parametrisation: ``"epsilon"`` (default for plain networks), ``"score"``, ``"denoiser"`` or
             ``"velocity"``.
-        likelihood_weighting: use ``λ = g(t)²`` (maximum-likelihood weighting) instead of ``λ = s(t)²``.
+        likelihood_weighting: use ``ω = g(t)²`` (maximum-likelihood weighting) instead of ``ω = s(t)²``.
         importance_sampling: with ``likelihood_weighting``, draw ``t`` uniformly in log-SNR instead of
             uniformly in ``t`` (same expected loss, lower variance). Requires ``likelihood_weighting``.
         t_min: ``t_eps``, the smallest training time; default ``min(1e-5, sde.t_min)`` (score_sde's
             training ``eps``). For :class:`~sdegen.EDMSDE`, where uniform ``t = σ`` is a poor training
             distribution, pass your own times with ``t=`` (e.g. EDM's log-normal σ).
-        t: explicit training times ``(batch,)`` (overrides sampling; the weight is then ``λ(t)/s²``
+        t: explicit training times ``(batch,)`` (overrides sampling; the weight is then ``ω(t)/s²``
             per the table, without any importance-sampling factor).
         generator: ``torch.Generator`` on ``x0``'s device for ``t`` and ``z``.
         model_kwargs: extra keyword arguments for the network (class labels, embeddings).

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ScoreModel",
     "PerSampleModel",
+    "DenoisingModel",
     "from_score",
     "from_epsilon",
     "from_denoiser",
@@ -107,6 +108,24 @@ class PerSampleModel(Protocol):
         ...
 
 
+@runtime_checkable
+class DenoisingModel(Protocol):
+    """A score model that also gives its data prediction ``x̂0 = E[x_0 | x_t]`` from the same network call.
+
+    Exponential integrators work with ``x̂0`` (:meth:`sdegen.ReverseSDE.denoise`). Recovering it from the
+    score by Tweedie's formula ``(x + s² score)/m`` divides by ``m(t)``, which vanishes where the signal
+    is gone (``t = 1`` on a flow-matching path); a model predicting ``x̂0``, ``ε`` or a velocity knows
+    ``x̂0`` without that division. :class:`ScoreModel` implements this protocol.
+    """
+
+    def __call__(self, x: Tensor, t: Tensor, **kwargs) -> Tensor: ...
+
+    def predict(self, x: Tensor, t: Tensor, **kwargs) -> tuple[Tensor, Tensor | None]:
+        """``(score, x̂0)``, both shaped like ``x``, from one network evaluation (``x̂0`` None: unknown, use
+        Tweedie's formula)."""
+        ...
+
+
 # -- adapters -----------------------------------------------------------------------------------
 class ScoreModel:
     """A network wrapped as a score function ``score(x, t, **kwargs) -> ∇ log p_t(x)``.
@@ -151,13 +170,39 @@ class ScoreModel:
         t_in = self.time_input(tb) if self.time_input is not None else tb
         return self.network(x, t_in, **kwargs)
 
-    def __call__(self, x: Tensor, t: Tensor, **kwargs) -> Tensor:
+    def _output(self, x: Tensor, t: Tensor, kwargs: dict) -> Tensor:
         out = self.prediction(x, t, **kwargs)
         if not isinstance(out, Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"network returned {got} for an input of shape {tuple(x.shape)}")
+        return out.to(x.dtype)
+
+    def __call__(self, x: Tensor, t: Tensor, **kwargs) -> Tensor:
+        out = self._output(x, t, kwargs)
         convert = self._CONVERT[self.parametrisation]
-        return out if convert is None else convert(self.sde, x, t, out.to(x.dtype))
+        return out if convert is None else convert(self.sde, x, t, out)
+
+    def predict(self, x: Tensor, t: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
+        """``(score, x̂0)`` from one network call (see :class:`DenoisingModel`).
+
+        ``x̂0`` comes from the network's own parametrisation — directly for ``"denoiser"``,
+        ``(m x − s v)/(m² + s²)`` for ``"velocity"``, ``(x − s ε)/m`` for ``"epsilon"`` — and by Tweedie's
+        formula only for a ``"score"`` network (which needs ``sde``).
+        """
+        out = self._output(x, t, kwargs)
+        p = self.parametrisation
+        if p == "score":
+            if self.sde is None:
+                raise ValueError("a score network needs the sde for its data prediction: ScoreModel(net, sde)")
+            return out, denoiser_from_score(self.sde, x, t, out)
+        m, s = _kernel(self.sde, x, t)
+        if p == "denoiser":
+            x0 = out
+        elif p == "velocity":
+            x0 = (m * x - s * out) / (m**2 + s**2)
+        else:  # epsilon
+            x0 = (x - s * out) / m
+        return self._CONVERT[p](self.sde, x, t, out), x0
 
     def __repr__(self) -> str:
         return f"ScoreModel({self.parametrisation}, sde={self.sde!r})"

@@ -27,6 +27,7 @@ from torch import Tensor
 from ._batching import select_model
 from ._utils import as_batch_time, bcast, time_dtype
 from .equation import DEFAULT_NOISE_SCALE, EquationBase
+from .models import DenoisingModel
 
 if TYPE_CHECKING:
     from .sde import SDE
@@ -73,6 +74,7 @@ class ReverseSDE(EquationBase):
         # the whole batch's model and conditioning; score_fn/model_kwargs are those of the selected samples
         self._all = (score, dict(model_kwargs or {}))
         self.score_fn, self.model_kwargs = self._all
+        self._predicts = isinstance(score, DenoisingModel)  # x̂0 from the model itself (checked once)
         # affine drift a(t) x and additive g(t) not overridden anywhere: drift_from_score may then
         # compute the per-step coefficients on a scalar time directly (fewer ops per step)
         cls = type(sde)
@@ -115,6 +117,7 @@ class ReverseSDE(EquationBase):
         if index is not None:
             score, kwargs = select_model(score, kwargs, batch, index)
         self.score_fn, self.model_kwargs = score, kwargs
+        self._predicts = isinstance(score, DenoisingModel)
 
     def marginal(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """Kernel ``(m(t), s(t))`` of an affine forward SDE (for exponential integrators)."""
@@ -158,9 +161,24 @@ class ReverseSDE(EquationBase):
     # -- evaluations ----------------------------------------------------------------------------
     def score(self, x: Tensor, t: Tensor) -> Tensor:
         """Evaluate the score model once (counted in :attr:`nfe`), checked for shape and device."""
+        return self._evaluate(x, t, predict=False)[0]
+
+    def _evaluate(self, x: Tensor, t: Tensor, *, predict: bool) -> tuple[Tensor, Tensor | None]:
+        """One network evaluation: the score, and with ``predict`` the model's ``x̂0`` too (checked, counted)."""
         hit = self._grid_hit(x, t)
         tb = hit[1] if hit is not None else as_batch_time(t, x)
-        out = self.score_fn(x, tb, **self.model_kwargs)
+        if predict:
+            out, x0 = self.score_fn.predict(x, tb, **self.model_kwargs)
+            if x0 is None:  # the model knows no x̂0 of its own (e.g. guidance around a plain score function)
+                x0 = self._tweedie(x, tb, self._check_output(x, out))
+            x0 = self._check_output(x, x0)
+        else:
+            out, x0 = self.score_fn(x, tb, **self.model_kwargs), None
+        out = self._check_output(x, out)
+        self.record_evaluation(out if x0 is None else x0)
+        return out, x0
+
+    def _check_output(self, x: Tensor, out: Tensor) -> Tensor:
         if not isinstance(out, Tensor):
             raise TypeError(f"score model must return a tensor, got {type(out).__name__}")
         if out.shape != x.shape:
@@ -172,7 +190,6 @@ class ReverseSDE(EquationBase):
             raise ValueError(f"score model returned a tensor on {out.device}, but x is on {x.device}")
         if out.dtype != x.dtype:
             out = out.to(x.dtype)  # mixed precision: a bf16 network under an fp32 solver state
-        self.record_evaluation(out)
         return out
 
     def drift_from_score(self, x: Tensor, t: Tensor, score: Tensor) -> Tensor:
@@ -204,10 +221,20 @@ class ReverseSDE(EquationBase):
         return self.noise_scale * self.sde.diffusion(x, as_batch_time(t, x))
 
     def denoise(self, x: Tensor, t: Tensor, score: Tensor | None = None) -> Tensor:
-        """Tweedie's estimate ``E[x_0 | x_t] = (x + s² ∇log p_t) / m`` (affine SDEs only)."""
+        """``x̂0 = E[x_0 | x_t]`` (affine SDEs only): one network evaluation unless ``score`` is given.
+
+        A :class:`~sdegen.models.DenoisingModel` (every :class:`~sdegen.models.ScoreModel`) gives ``x̂0``
+        from its own parametrisation; otherwise, or with ``score`` given, Tweedie's formula
+        ``(x + s² ∇log p_t) / m``.
+        """
         tb = as_batch_time(t, x)
+        if score is None and self._predicts:
+            _, x0 = self._evaluate(x, tb, predict=True)
+            return x0
+        return self._tweedie(x, tb, self.score(x, tb) if score is None else score)
+
+    def _tweedie(self, x: Tensor, tb: Tensor, score: Tensor) -> Tensor:
         m, s = self.marginal(tb)
-        score = self.score(x, tb) if score is None else score
         return (x + bcast(s.to(x.dtype) ** 2, x) * score) / bcast(m.to(x.dtype), x)
 
     def __repr__(self) -> str:

@@ -154,7 +154,7 @@ class LinearSDE(SDE):
         return s / m
 
     def log_snr(self, t: Tensor | float) -> Tensor:
-        """``λ(t) = log(m² / s²) = -2 log σ(t)``, decreasing in ``t``."""
+        """The log-SNR ``log(m² / s²) = −2 log σ(t)``, decreasing in ``t``."""
         return -2.0 * torch.log(self.sigma(t))
 
     def t_from_sigma(self, sigma: Tensor) -> Tensor:

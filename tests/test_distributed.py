@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import importlib.util
 import multiprocessing as mp
 import os
 import time
@@ -39,7 +38,6 @@ from sdegen import distributed as sdist
 from sdegen.solvers import available_solvers, get_solver
 from sdegen.testing.mixture import GaussianMixture
 
-HAS_LIKELIHOOD = importlib.util.find_spec("sdegen.likelihood") is not None
 SEED = 1234
 N = 10  # global number of samples: shards of 4/3/3 at world size 3
 JOIN_TIMEOUT = 240.0  # generous under a loaded 2-core CI box; a hang is minutes, a run is seconds
@@ -96,22 +94,33 @@ def _checks() -> dict:
         out["error"] = None
     except Exception as exc:  # noqa: BLE001 - the type is what is checked
         out["error"] = type(exc).__name__
-    if True:  # rk45: per-sample steps, so any shard layout gives the same numbers
-        _CALLS[0] = 0
-        out["rk45_hard"] = sdist.sample(
-            N, sde, _stiff_score, 2, seed=SEED, dtype=F64, solver="rk45", noise_scale=0.0,
-            model_kwargs={"k": _stiffness()}, max_batch=3,
-        )
-        out["rk45_calls"] = _CALLS[0]
-    if HAS_LIKELIHOOD:
-        data = _likelihood_data()
-        out["ll"] = sdist.log_likelihood(data, sde, pm.score, seed=SEED, **_LL_KW)
-        out["ll_chunked_rank0"] = sdist.log_likelihood(
-            list(data), sde, pm.score, seed=SEED, max_batch=3, gather="rank0", **_LL_KW
-        )
-        out["ll_tiny"] = sdist.log_likelihood(data[:2], sde, pm.score, seed=SEED, **_LL_KW)  # empty shards at W=3
-        out["bpd"] = sdist.bits_per_dim(_discrete_data(), sde, pm.score, seed=SEED, max_batch=4, **_BPD_KW)
+    _CALLS[0] = 0
+    out["rk45_hard"] = sdist.sample(
+        N, sde, _stiff_score, 2, seed=SEED, dtype=F64, solver="rk45", noise_scale=0.0,
+        model_kwargs={"k": _stiffness()}, max_batch=3,
+    )
+    out["rk45_calls"] = _CALLS[0]
+    data = _likelihood_data()
+    out["ll"] = sdist.log_likelihood(data, sde, pm.score, seed=SEED, **_LL_KW)
+    out["ll_chunked_rank0"] = sdist.log_likelihood(
+        list(data), sde, pm.score, seed=SEED, max_batch=3, gather="rank0", **_LL_KW
+    )
+    out["ll_tiny"] = sdist.log_likelihood(data[:2], sde, pm.score, seed=SEED, **_LL_KW)  # empty shards at W=3
+    out["bpd"] = sdist.bits_per_dim(_discrete_data(), sde, pm.score, seed=SEED, max_batch=4, **_BPD_KW)
+    # the ranks pass data sets of different lengths: every rank raises ValueError, none aborts or hangs
+    try:
+        sdist.log_likelihood(data[: N - dist_rank()], sde, pm.score, seed=SEED, **_LL_KW)
+        out["unequal"] = None
+    except Exception as exc:  # noqa: BLE001 - the type is what is checked
+        out["unequal"] = type(exc).__name__
+    # a solver instance with its own options passes through
+    out["ll_instance"] = sdist.log_likelihood(data, sde, pm.score, seed=SEED, trace="hutchinson",
+                                              solver=get_solver("rk45", rtol=1e-3, atol=1e-3))
     return out
+
+
+def dist_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 _LL_KW = dict(trace="hutchinson", rtol=1e-3, atol=1e-3)  # exactness, not accuracy, is tested
@@ -188,16 +197,14 @@ def _references() -> dict:
     kw = dict(dtype=F64, solver="euler_maruyama", steps=8, seed=SEED)
     ref["em"] = reverse_sample(sde, pm.score, (N, 2), **kw)
     ref["heun_tiny"] = reverse_sample(sde, pm.score, (2, 2), seed=SEED, solver="heun", steps=4, dtype=F64)
-    if True:  # rk45: per-sample steps, so any shard layout gives the same numbers
-        ref["rk45_hard"] = reverse_sample(
-            sde, _stiff_score, (N, 2), seed=SEED, dtype=F64, solver="rk45", noise_scale=0.0,
-            model_kwargs={"k": _stiffness()},
-        )
-    if HAS_LIKELIHOOD:
-        from sdegen.likelihood import bits_per_dim, log_likelihood
+    ref["rk45_hard"] = reverse_sample(
+        sde, _stiff_score, (N, 2), seed=SEED, dtype=F64, solver="rk45", noise_scale=0.0,
+        model_kwargs={"k": _stiffness()},
+    )
+    from sdegen.likelihood import bits_per_dim, log_likelihood
 
-        ref["ll"] = log_likelihood(sde, pm.score, _likelihood_data(), seed=SEED, **_LL_KW)
-        ref["bpd"] = bits_per_dim(sde, pm.score, _discrete_data(), seed=SEED, **_BPD_KW)
+    ref["ll"] = log_likelihood(sde, pm.score, _likelihood_data(), seed=SEED, **_LL_KW)
+    ref["bpd"] = bits_per_dim(sde, pm.score, _discrete_data(), seed=SEED, **_BPD_KW)
     return ref
 
 
@@ -219,15 +226,13 @@ def _check_world(results: list[dict], world: int) -> None:
             assert res["error"] == "NonFiniteError", where
         else:  # the failing (last) rank re-raises its own error, the others learn of it
             assert res["error"] == ("NonFiniteError" if rank == world - 1 else "RuntimeError"), where
-        if True:  # rk45: per-sample steps, so any shard layout gives the same numbers
-            assert torch.equal(res["rk45_hard"], ref["rk45_hard"]), where
-        if HAS_LIKELIHOOD:
-            assert torch.equal(res["ll"], ref["ll"]), where
-            assert (res["ll_chunked_rank0"] is None) == (rank != 0), where
-            if rank == 0:
-                assert torch.equal(res["ll_chunked_rank0"], ref["ll"]), where
-            assert torch.equal(res["ll_tiny"], ref["ll"][:2]), where
-            assert torch.equal(res["bpd"], ref["bpd"]), where
+        assert torch.equal(res["rk45_hard"], ref["rk45_hard"]), where
+        assert torch.equal(res["ll"], ref["ll"]), where
+        assert (res["ll_chunked_rank0"] is None) == (rank != 0), where
+        if rank == 0:
+            assert torch.equal(res["ll_chunked_rank0"], ref["ll"]), where
+        assert torch.equal(res["ll_tiny"], ref["ll"][:2]), where
+        assert torch.equal(res["bpd"], ref["bpd"]), where
     if world > 1:
         calls = [res["rk45_calls"] for res in results]
         # the scenario really is unbalanced: the hard rank made several times more network calls

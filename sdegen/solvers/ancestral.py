@@ -6,10 +6,12 @@ lower time ``t'`` (= ``t_next``) to the higher time ``t`` is Gaussian::
     x_t = a x_{t'} + b ξ,     a = m(t)/m(t'),     b² = s(t)² − a² s(t')².
 
 **Posterior.** ``q(x_{t'} | x_t, x_0) = N(μ̃, β̃ I)`` with ``μ̃ = (a s'²/s²) x_t + (m' b²/s²) x_0`` and
-``β̃ = s'² b² / s²``. Putting in Tweedie's ``x̂_0 = (x_t + s² ∇log p_t)/m`` and using
-``a² s'² + b² = s²`` gives the step (one network evaluation)::
+``β̃ = s'² b² / s²``. The step puts in the model's ``x̂_0`` (one network evaluation, ``eq.denoise``)::
 
-    x_{t'} = (x_t + b² ∇log p_t(x_t)) / a + std · z.
+    x_{t'} = (a s'²/s²) x_t + (m' b²/s²) x̂_0 + std · z,
+
+which with Tweedie's ``x̂_0 = (x_t + s² ∇log p_t)/m`` and ``a² s'² + b² = s²`` is
+``(x_t + b² ∇log p_t(x_t)) / a + std · z`` — but stays finite where ``a = 0`` (``m(t) = 0``).
 
 For VP (``s² = 1 − m²``) write ``β = 1 − m(t)²/m(t')² = 1 − ᾱ_t/ᾱ_{t'}``: then ``a = √(1 − β)`` and
 ``b² = β``, so the step is exactly DDPM's ``x_{t−1} = (x_t + β_t s)/√(1 − β_t) + σ_t z``
@@ -86,8 +88,9 @@ class Ancestral(Solver):
 
     def step(self, eq, x, t, t_next, noise, state):
         a, b2, ratio = transition(eq, t, t_next)
-        score = eq.score(x, t)
-        x_next = (x + b2.to(x.dtype) * score) / a.to(x.dtype)
+        m, s = eq.marginal(torch.stack([t, t_next]))
+        x0 = eq.denoise(x, t)  # one evaluation: the model's x̂0
+        x_next = torch.addcmul((a * ratio).to(x.dtype) * x, (m[1] * b2 / s[0] ** 2).to(x.dtype), x0)
         if noise is None:
             return x_next, state
         var = b2 if self.variance == "beta" else b2 * ratio

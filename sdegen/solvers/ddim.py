@@ -4,9 +4,9 @@ For an affine SDE with kernel ``x_t = m(t) x_0 + s(t) z``, let ``x̂0 = E[x_0 | 
 score evaluation) and ``ε̂ = (x − m x̂0)/s``. One step from ``t`` to ``t' < t`` (primes at ``t'``) is
 
     x' = m' x̂0 + √(s'² − σ_η²) ε̂ + σ_η z,        z ~ N(0, I),
-    σ_η² = η² s'² (1 − r),    r = (m s')² / (m' s)² = exp(λ(t) − λ(t')) ∈ (0, 1),
+    σ_η² = η² s'² (1 − r),    r = (m s')² / (m' s)² = exp(logsnr(t) − logsnr(t')) ∈ (0, 1),
 
-``λ = log(m²/s²)`` the log-SNR. For the VP/DDPM kernel (``m² = ᾱ``, ``s² = 1 − ᾱ``) ``σ_η²`` is DDIM's
+``logsnr = log(m²/s²)`` the log-SNR. For the VP/DDPM kernel (``m² = ᾱ``, ``s² = 1 − ᾱ``) ``σ_η²`` is DDIM's
 ``η² (1−ᾱ')/(1−ᾱ) (1 − ᾱ/ᾱ')`` (eq. 16), so this *is* diffusers' ``DDIMScheduler.step`` for any ``(m, s)``.
 
 * ``η = 0``: ``x'/m' = x/m + (σ' − σ) ε̂`` with ``σ = s/m`` — Euler in ``σ`` for the probability-flow
@@ -78,15 +78,14 @@ class DDIM(Solver):
     def step(self, eq, x, t, t_next, noise, state):
         m, s = eq.marginal(t)
         m1, s1 = eq.marginal(t_next)
-        score = eq.score(x, t)
+        x0 = eq.denoise(x, t)  # one evaluation: the model's x̂0 (finite also where m = 0)
         s_x, m_x, s1_x, m1_x = (v.to(x.dtype) for v in (s, m, s1, m1))
-        eps = -s_x * score
-        x0 = (x - s_x * eps) / m_x
+        eps = (x - m_x * x0) / s_x
         lam = eq.noise_scale
         eta = self.eta if self.eta is not None else lam
         if eta == 0.0:
             return m1_x * x0 + s1_x * eps, state
-        # log r = λ(t) − λ(t') ≤ 0; 1 − r^k = −expm1(k log r), accurate for small steps
+        # log r = logsnr(t) − logsnr(t') ≤ 0; 1 − r^k = −expm1(k log r), accurate for small steps
         log_r = 2.0 * (torch.log(m) + torch.log(s1) - torch.log(m1) - torch.log(s))
         if self.eta is not None:
             var = eta**2 * s1**2 * -torch.expm1(log_r)

@@ -4,16 +4,16 @@ Lu et al. (2022b), *DPM-Solver++: Fast Solver for Guided Sampling of Diffusion P
 Models*, Alg. 1 (2M) and App. B (3M, the third-order multistep of DPM-Solver, Lu et al. 2022a,
 §3.3, in data-prediction form; k-diffusion's ``sample_dpmpp_3m_sde`` with ``eta=0`` is the same map).
 
-For an affine SDE with kernel ``x_t = m(t) x_0 + s(t) z`` write ``λ = log(m/s)`` (half the log-SNR,
+For an affine SDE with kernel ``x_t = m(t) x_0 + s(t) z`` write ``ℓ = log(m/s)`` (half the log-SNR,
 increasing towards the data). The probability-flow ODE in data-prediction form is
-``dx/dλ = (d log s/dλ) x + m x̂0(x, λ)``, whose variation-of-constants solution from ``t_i`` to
-``t_{i+1}`` (``h = λ_{i+1} − λ_i > 0``) is exactly::
+``dx/dℓ = (d log s/dℓ) x + m x̂0(x, ℓ)``, whose variation-of-constants solution from ``t_i`` to
+``t_{i+1}`` (``h = ℓ_{i+1} − ℓ_i > 0``) is exactly::
 
-    x_{i+1} = (s_{i+1}/s_i) x_i + s_{i+1} ∫_{λ_i}^{λ_{i+1}} e^{λ} x̂0(λ) dλ.
+    x_{i+1} = (s_{i+1}/s_i) x_i + s_{i+1} ∫_{ℓ_i}^{ℓ_{i+1}} e^{ℓ} x̂0(ℓ) dℓ.
 
-Replacing ``x̂0(λ)`` by its Taylor polynomial about ``λ_i``, whose derivatives are estimated by divided
+Replacing ``x̂0(ℓ)`` by its Taylor polynomial about ``ℓ_i``, whose derivatives are estimated by divided
 differences of the previous ``x̂0`` (multistep), gives with ``φ1 = −expm1(−h)``,
-``φ2 = expm1(−h)/h + 1``, ``φ3 = (expm1(−h) + h)/h² − ½`` (the ``e^{-λ}``-weighted moments of the
+``φ2 = expm1(−h)/h + 1``, ``φ3 = (expm1(−h) + h)/h² − ½`` (the ``e^{-ℓ}``-weighted moments of the
 polynomial terms) and ``D_j = x̂0`` at step ``i − j``, ``r_j = h_{i−j}/h``::
 
     order 1 (DDIM):  x_{i+1} = (s_{i+1}/s_i) x_i + m_{i+1} φ1 D_0
@@ -28,7 +28,7 @@ implementation of the 3M update (``dpm_solver_pytorch``, diffusers' ``DPMSolverM
 and k-diffusion's ``sample_dpmpp_3m_sde``) weights ``D2`` by ``−φ3``, half of that: its local error
 is then ``O(h³)`` and it converges with order 2 only (measured in ``tests/test_fast_solvers.py``:
 slope ≈ 2.0 with ``−φ3``, ≈ 3.1 with ``−2φ3``). The local error is ``O(h^{p+1})``, so the global
-order is ``p`` (2 or 3) in the step of ``λ``.
+order is ``p`` (2 or 3) in the step of ``ℓ``.
 Each step costs one network evaluation (``x̂0 = (x + s² ∇log p)/m`` by Tweedie's formula from the score).
 
 The first steps use lower orders while the history fills (order ``min(p, i + 1)``). With
@@ -37,8 +37,10 @@ also lower the order at the end — the last step is first order and, for 3M, th
 most second order — which keeps very low-NFE sampling stable where ``h`` grows large near the data.
 
 The coefficients of every step are computed once per grid in :meth:`init_state`, on the device
-(no host-device synchronisation), and with Tweedie's formula folded into them a step is one
-evaluation and ``2p`` fused tensor operations on the state, no ``x̂0`` being formed.
+(no host-device synchronisation); a step is one evaluation of ``x̂0`` (``eq.denoise``: the model's own
+data prediction, or Tweedie's formula from its score) and ``p + 1`` fused tensor operations. A step from
+``m = 0`` (``h = ∞``: e.g. ``t = 1`` on a flow-matching path) is the first-order step ``s_{i+1} x_i +
+m_{i+1} x̂0``, finite.
 ODE only (``noise_scale=0``). Best grids: ``grid="log_snr"`` (uniform ``h``) or ``"edm"``; see
 ``docs/performance.md`` for the measured comparison.
 """
@@ -61,27 +63,29 @@ _LOWER_ORDER_FINAL_BELOW = 15  # diffusers: lower_order_final applies to grids o
 
 @dataclass
 class _MultistepState:
-    """Per-step coefficients and the history of ``(x, score)`` pairs.
+    """Per-step coefficients and the history of data predictions ``x̂0``.
 
-    With Tweedie's ``x̂0 = x/m + (s²/m) score`` substituted, the update
-    ``x_{i+1} = a_i x_i + Σ_j w[j]_i x̂0_{i−j}`` reads ``Σ_j (cx[j]_i x_{i−j} + cs[j]_i score_{i−j})``
-    (``cx[0]`` includes ``a``): ``2p`` fused operations, no ``x̂0`` formed. Every coefficient is a
-    list of 0-d tensors in the state's dtype (one per step), so a step does no arithmetic on times.
+    The update ``x_{i+1} = a_i x_i + Σ_j w[j]_i x̂0_{i−j}`` costs ``p + 1`` fused operations after the
+    network evaluation. Every coefficient is a list of 0-d tensors in the state's dtype (one per step),
+    so a step does no arithmetic on times.
     """
 
-    cx: list  # cx[j][i]
-    cs: list  # cs[j][i]
+    a: list  # a[i] = s_{i+1}/s_i
+    w: list  # w[j][i]
     step: int = 0
-    history: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    history: list[Tensor] = field(default_factory=list)
 
 
 def _phis(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``φ1 = −expm1(−h)``, ``φ2 = expm1(−h)/h + 1``, ``φ3 = (expm1(−h) + h)/h² − ½``, series for small h."""
     em1 = torch.expm1(-h)
     small = h.abs() < 0.1
-    hs = torch.where(small, torch.ones_like(h), h)  # avoid 0/0 in the branch not taken
+    inf = torch.isinf(h)  # h = ∞: a step from m = 0 (all signal gone, e.g. t = 1 of a flow-matching path)
+    hs = torch.where(small | inf, torch.ones_like(h), h)  # avoid 0/0 and ∞/∞ in the branches not taken
     phi2 = torch.where(small, h / 2 - h**2 / 6 + h**3 / 24 - h**4 / 120, em1 / hs + 1)
     phi3 = torch.where(small, -h / 6 + h**2 / 24 - h**3 / 120 + h**4 / 720, (em1 + hs) / hs**2 - 0.5)
+    phi2 = torch.where(inf, torch.ones_like(h), phi2)
+    phi3 = torch.where(inf, torch.full_like(h, -0.5), phi3)
     return -em1, phi2, phi3
 
 
@@ -111,9 +115,9 @@ class _DPMSolverPPMultistep(Solver):
     def init_state(self, eq: Any, x: Tensor, times: Tensor) -> _MultistepState:
         """Coefficients of every step of the grid ``times`` (decreasing, on ``x``'s device)."""
         m, s = eq.marginal(times)
-        lam = torch.log(m) - torch.log(s)
+        ell = torch.log(m) - torch.log(s)  # half the log-SNR
         n = times.shape[0] - 1
-        h = lam[1:] - lam[:-1]  # (N,) > 0 when sampling
+        h = ell[1:] - ell[:-1]  # (N,) > 0 when sampling
         phi1, phi2, phi3 = _phis(h)
         m_next = m[1:]
         a = s[1:] / s[:-1]
@@ -134,26 +138,17 @@ class _DPMSolverPPMultistep(Solver):
         w3 = [m_next * phi1 + big_a / r1, -big_a / r1 + big_b / r2, -big_b / r2]
         for j in range(int(self.order)):
             w[j] = torch.where(orders == 1, w1[j], torch.where(orders == 2, w2[j], w3[j]))
-        inv_m, s2_m = 1.0 / m[:-1], s[:-1] ** 2 / m[:-1]
-        cx, cs = [], []
-        for j in range(int(self.order)):  # x̂0 of step i - j: shift the Tweedie coefficients by j
-            im = torch.cat([inv_m[:1].expand(j), inv_m[: n - j]])
-            sm = torch.cat([s2_m[:1].expand(j), s2_m[: n - j]])
-            cx.append(w[j] * im + (a if j == 0 else 0.0))
-            cs.append(w[j] * sm)
         dt = x.dtype
-        return _MultistepState(cx=[list(c.to(dt).unbind()) for c in cx], cs=[list(c.to(dt).unbind()) for c in cs])
+        return _MultistepState(a=list(a.to(dt).unbind()), w=[list(wj.to(dt).unbind()) for wj in w])
 
     def step(self, eq, x, t, t_next, noise, state):
         if state is None:  # called outside integrate: a one-step grid
             state = self.init_state(eq, x, torch.stack([t, t_next]))
         i = state.step
-        hist = [(x, eq.score(x, t)), *state.history]  # one network evaluation
-        x_next = state.cx[0][i] * x
-        for j, (xj, sj) in enumerate(hist):
-            if j:
-                x_next = torch.addcmul(x_next, state.cx[j][i], xj)
-            x_next = torch.addcmul(x_next, state.cs[j][i], sj)
+        hist = [eq.denoise(x, t), *state.history]  # one network evaluation
+        x_next = state.a[i] * x
+        for j, d in enumerate(hist):
+            x_next = torch.addcmul(x_next, state.w[j][i], d)
         state.history = hist[: int(self.order) - 1]
         state.step = i + 1
         return x_next, state
