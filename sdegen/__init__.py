@@ -10,14 +10,13 @@ The shortest program::
 from .controllers import PIController
 from .discrete import DiscreteVPSDE
 from .equation import AffineEquation, Equation, EquationBase
-from .errors import MaxStepsExceeded, NonFiniteError
+from .errors import MaxStepsExceeded, NonFiniteError, NotDifferentiableError
 from .grids import make_grid
 from .guidance import classifier_free, classifier_guidance
 from .integrate import Solution, integrate
 from .likelihood import (
     AugmentedFlow,
     LikelihoodInfo,
-    NotDifferentiableError,
     bits_per_dim,
     decode,
     dequantization_offset,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["NonFiniteError", "MaxStepsExceeded"]
+__all__ = ["NonFiniteError", "MaxStepsExceeded", "NotDifferentiableError"]
 
 
 class NonFiniteError(FloatingPointError):
@@ -11,3 +11,7 @@ class NonFiniteError(FloatingPointError):
 
 class MaxStepsExceeded(RuntimeError):
     """An adaptive solver used up ``max_steps`` before reaching the end time."""
+
+
+class NotDifferentiableError(RuntimeError):
+    """The score model's output has no autograd graph to its input ``x`` (a divergence cannot be taken)."""

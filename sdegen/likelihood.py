@@ -38,6 +38,7 @@ from torch import Tensor
 from ._batching import batch_noise, chunk_noise, chunks, select_model
 from .divergence import divergence_exact, divergence_hutchinson
 from .equation import EquationBase, rms_norm
+from .errors import NotDifferentiableError
 from .grids import make_grid
 from .integrate import Solution, integrate
 from .noise import NoiseSource, normal_like, rademacher_like
@@ -60,10 +61,6 @@ __all__ = [
 TRACES = ("exact", "hutchinson")
 PROBE_DISTRIBUTIONS = ("rademacher", "gaussian")
 DEFAULT_SOLVER = "rk45"
-
-
-class NotDifferentiableError(RuntimeError):
-    """The score model's output has no autograd graph to its input ``x``: the divergence cannot be taken."""
 
 
 @dataclass
@@ -141,17 +138,8 @@ class AugmentedFlow(EquationBase):
         return torch.zeros((), device=x.device, dtype=x.dtype)
 
     def _field(self, t: Tensor) -> Callable[[Tensor], Tensor]:
-        flow = self.flow
-
         def field(z: Tensor) -> Tensor:
-            score = flow.score(z, t)
-            if not score.requires_grad:
-                raise NotDifferentiableError(
-                    "the score model's output does not depend on x through autograd, so its divergence cannot "
-                    "be computed: the model runs under torch.no_grad()/torch.inference_mode() or detaches its "
-                    "input. Remove that (sdegen takes gradients only inside each evaluation; memory stays bounded)."
-                )
-            return flow.drift_from_score(z, t, score)
+            return self.flow.drift(z, t, differentiable=True)
 
         return field
 

@@ -27,6 +27,7 @@ from torch import Tensor
 from ._batching import select_model
 from ._utils import as_batch_time, bcast, time_dtype
 from .equation import DEFAULT_NOISE_SCALE, EquationBase
+from .errors import NotDifferentiableError
 from .models import DenoisingModel
 
 if TYPE_CHECKING:
@@ -212,9 +213,20 @@ class ReverseSDE(EquationBase):
             drift = drift - coef * div
         return torch.addcmul(drift, scale, score)  # f − coef (g² score + ∇·D), one pass over x
 
-    def drift(self, x: Tensor, t: Tensor) -> Tensor:
-        """``f − (1+λ²)/2 (∇·D + D ∇log p_t)``, shaped like ``x`` (one network evaluation)."""
-        return self.drift_from_score(x, t, self.score(x, t))
+    def drift(self, x: Tensor, t: Tensor, *, differentiable: bool = False) -> Tensor:
+        """``f − (1+λ²)/2 (∇·D + D ∇log p_t)``, shaped like ``x`` (one network evaluation).
+
+        With ``differentiable=True`` (the likelihood's divergence) a model output without an autograd graph
+        to ``x`` raises :class:`~sdegen.errors.NotDifferentiableError` instead of giving a wrong divergence.
+        """
+        score = self.score(x, t)
+        if differentiable and not score.requires_grad:
+            raise NotDifferentiableError(
+                "the score model's output does not depend on x through autograd, so its divergence cannot "
+                "be computed: the model runs under torch.no_grad()/torch.inference_mode() or detaches its "
+                "input. Remove that (sdegen takes gradients only inside each evaluation; memory stays bounded)."
+            )
+        return self.drift_from_score(x, t, score)
 
     def diffusion(self, x: Tensor, t: Tensor) -> Tensor:
         """``λ G(x, t)``, broadcastable to ``x``."""
