@@ -55,12 +55,12 @@ def select_model(score: Callable, model_kwargs: dict, batch: int, index: slice |
     model with per-sample parameters (:class:`~sdegen.models.PerSampleModel`, e.g. a guidance weight of
     shape ``(batch,)``) is restricted with its ``for_samples``.
     """
-    from .models import PerSampleModel
+    from .models import PerSampleModel, implements
 
     kwargs = {
         k: v[index] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == batch else v
         for k, v in model_kwargs.items()
     }
-    if isinstance(score, PerSampleModel):
+    if implements(score, PerSampleModel):
         score = score.for_samples(index, batch)
     return score, kwargs

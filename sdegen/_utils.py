@@ -62,11 +62,10 @@ def first_nonfinite(minmax: list[tuple[Tensor, Tensor]], device: torch.device, o
     """
     if not minmax:
         return torch.full((), -1, dtype=torch.long, device=device)
-    lo = [p[0] for p in minmax]
-    if len({(v.dtype, v.device) for v in lo}) == 1:
-        finite = torch.isfinite(torch.stack(lo)) & torch.isfinite(torch.stack([p[1] for p in minmax]))
-    else:  # mixed dtypes/devices (e.g. a model that changed precision): check each pair, then gather
+    try:  # mixed dtypes (a bf16 model under a float32 state) are promoted; the values are only tested
+        finite = torch.isfinite(torch.stack([v for pair in minmax for v in pair])).view(-1, 2).all(1)
+    except RuntimeError:  # mixed devices: check each pair, then gather
         finite = torch.stack([(torch.isfinite(a) & torch.isfinite(b)).to(device) for a, b in minmax])
-    idx = torch.arange(offset, offset + len(minmax), device=finite.device)
-    first = torch.where(finite, torch.iinfo(torch.long).max, idx).min()
-    return torch.where(finite.all(), -1, first)
+    bad = ~finite
+    first = torch.argmax(bad.to(torch.uint8)) + offset  # argmax returns the first maximum: the first bad entry
+    return torch.where(bad.any(), first, -1)

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from ._utils import as_batch_time, bcast
-from .models import DenoisingModel
+from .models import DenoisingModel, PerSampleModel, implements
 
 __all__ = ["classifier_free", "classifier_guidance", "ClassifierFreeGuidance", "ClassifierGuidance"]
 
@@ -60,14 +60,12 @@ def _per_sample(name: str, w: float | Tensor, like: Tensor) -> float | Tensor:
 
 def _restricted(obj: Any, index: slice | Tensor, batch: int, weight: str, inner: str) -> Any:
     """A shallow copy of a guidance object with its per-sample weight and inner model restricted."""
-    from .models import PerSampleModel
-
     out = copy.copy(obj)
     w = getattr(obj, weight)
     if isinstance(w, Tensor) and w.ndim == 1 and w.shape[0] == batch:
         setattr(out, weight, w[index])
     model = getattr(obj, inner)
-    if isinstance(model, PerSampleModel):
+    if implements(model, PerSampleModel):
         setattr(out, inner, model.for_samples(index, batch))
     return out
 
@@ -151,7 +149,7 @@ class ClassifierFreeGuidance:
     def predict(self, x: Tensor, t: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
         """``(guided score, guided x̂0)`` from one batched call: guidance is linear, so the guided ``x̂0`` is
         ``x̂0_u + w (x̂0_c − x̂0_u)`` (None when the model gives no ``x̂0`` of its own)."""
-        if not isinstance(self.model, DenoisingModel):
+        if not implements(self.model, DenoisingModel):
             return self(x, t, **kwargs), None
         x2, t2, kw2 = self._doubled(x, t, kwargs)
         score, x0 = self.model.predict(x2, t2, **kw2)

@@ -221,18 +221,18 @@ def _fixed_loop(eq, x, times_cpu, tdev, solver, noise, save_at, callback, progre
 
 
 def _raise_if_bad(eq, solver, times_cpu, bad_step, nfe_at_step, nfe0) -> None:
-    bad_eval = eq.nonfinite_evaluation()
-    flags = torch.stack(
-        [bad_step, bad_eval.to(bad_step.device) if bad_eval is not None else torch.full_like(bad_step, -1)]
-    )
-    step, ev = flags.tolist()  # the loop's single synchronisation
-    if ev >= 0 and ev < nfe0:
-        ev = -1  # an earlier integration's evaluation (a reused equation); not this loop's
+    # A NaN/Inf from the model reaches the state in the same step (NaN · 0 is NaN), so finite states mean a
+    # clean run: the evaluations' record is read only to say who was at fault, on the error path.
+    (step,) = bad_step.reshape(1).tolist()  # the loop's single synchronisation
+    if step < 0:
+        return
     if step == 0:
         raise NonFiniteError(_BAD_START)
     step -= 1  # entry 0 is the initial state
-    if step < 0 and ev < 0:
-        return
+    bad_eval = eq.nonfinite_evaluation()
+    ev = -1 if bad_eval is None else int(bad_eval)
+    if ev >= 0 and ev < nfe0:
+        ev = -1  # an earlier integration's evaluation (a reused equation); not this loop's
     if ev >= 0:
         evaluation = ev - nfe0
         step = next(i for i, c in enumerate(nfe_at_step) if c - nfe0 > evaluation)

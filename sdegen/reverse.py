@@ -28,7 +28,7 @@ from ._batching import select_model
 from ._utils import as_batch_time, bcast, time_dtype
 from .equation import DEFAULT_NOISE_SCALE, EquationBase
 from .errors import NotDifferentiableError
-from .models import DenoisingModel
+from .models import DenoisingModel, implements
 
 if TYPE_CHECKING:
     from .sde import SDE
@@ -75,7 +75,7 @@ class ReverseSDE(EquationBase):
         # the whole batch's model and conditioning; score_fn/model_kwargs are those of the selected samples
         self._all = (score, dict(model_kwargs or {}))
         self.score_fn, self.model_kwargs = self._all
-        self._predicts = isinstance(score, DenoisingModel)  # x̂0 from the model itself (checked once)
+        self._predicts = implements(score, DenoisingModel)  # x̂0 from the model itself (checked once)
         # affine drift a(t) x and additive g(t) not overridden anywhere: drift_from_score may then
         # compute the per-step coefficients on a scalar time directly (fewer ops per step)
         cls = type(sde)
@@ -118,7 +118,7 @@ class ReverseSDE(EquationBase):
         if index is not None:
             score, kwargs = select_model(score, kwargs, batch, index)
         self.score_fn, self.model_kwargs = score, kwargs
-        self._predicts = isinstance(score, DenoisingModel)
+        self._predicts = implements(score, DenoisingModel)
 
     def marginal(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """Kernel ``(m(t), s(t))`` of an affine forward SDE (for exponential integrators)."""

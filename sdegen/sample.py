@@ -200,9 +200,8 @@ def reverse_sample(
         )
     noise = batch_noise(generator, seed, sample_ids, batch, device)
     model_kwargs = dict(model_kwargs or {})
-    # build the equation once: checks noise_scale and that the solver can integrate it, before any work
-    slv.check(ReverseSDE(sde, score, noise_scale))
     if batch == 0:
+        slv.check(ReverseSDE(sde, score, noise_scale))  # the errors a non-empty batch would raise
         x0 = torch.empty(shape, device=device, dtype=dtype)
         return Solution(x=x0, nfe=0, times=grid_t.to(device)) if return_info else x0
 

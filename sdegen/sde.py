@@ -1,6 +1,6 @@
 """Forward SDEs ``dx = f(x, t) dt + G(x, t) dw`` and the affine-drift family with Gaussian kernels.
 
-Conventions (see ``DESIGN.md`` §2): every callable takes ``(x, t)`` with ``x`` of shape
+Conventions (see ``docs/concepts.md``): every callable takes ``(x, t)`` with ``x`` of shape
 ``(batch, *dims)`` and ``t`` of shape ``(batch,)``; time runs from data (``t_min``) to noise
 (``T``). The diffusion is *diagonal*: ``G(x, t)`` broadcasts against ``x`` (a per-sample scalar, a
 per-dimension tensor, or a state-dependent tensor), and ``D = G Gᵀ = diag(G²)``.
@@ -102,7 +102,7 @@ class SDE:
 
     # -- derived dynamics -----------------------------------------------------------------------
     def reverse(self, score: ScoreFn, noise_scale: float = 1.0) -> ReverseSDE:
-        """The reverse-time SDE with noise scale ``λ = noise_scale`` (DESIGN.md §2)."""
+        """The reverse-time SDE with noise scale ``λ = noise_scale`` (``docs/concepts.md``)."""
         from .reverse import ReverseSDE
 
         return ReverseSDE(self, score, noise_scale=noise_scale)

@@ -1,7 +1,7 @@
 """DPM-Solver++ (2M, 3M) and the EDM sampler against the exact Gaussian-mixture oracle.
 
 * Orders are measured, not assumed: the float64 path error to a fine reference solution of the
-  probability-flow ODE is fitted against the number of steps (log-log slope, DESIGN.md §5).
+  probability-flow ODE is fitted against the number of steps (log-log slope, as ``sdegen.testing.measure_order``).
 * Exact identities are checked to rounding (EDM without churn == Heun on ``EDMSDE``; one 2M step
   == the DDIM/DPM-Solver-1 formula; 2M == k-diffusion's ``sample_dpmpp_2m`` on the same σ grid).
 * The churned EDM sampler is a random sampler: its samples are compared with the mixture's

@@ -12,7 +12,7 @@ score evaluation) and ``ε̂ = (x − m x̂0)/s``. One step from ``t`` to ``t' <
 * ``η = 0``: ``x'/m' = x/m + (σ' − σ) ε̂`` with ``σ = s/m`` — Euler in ``σ`` for the probability-flow
   ODE ``d(x/m)/dσ = ε̂``, i.e. DPM-Solver-1 (Lu et al. 2022a, §3.3: the exact solution when ``ε̂`` is
   frozen over the step). Order 1.
-* General noise scale ``λ_n`` (the ``noise_scale`` of the reverse SDE; DESIGN.md §2): with ``x̂0`` frozen,
+* General noise scale ``λ_n`` (the ``noise_scale`` of the reverse SDE; ``docs/concepts.md``): with ``x̂0`` frozen,
   ``u = x/m − x̂0`` obeys the linear SDE ``du = (1+λ_n²)/2 · u dτ/τ + λ_n dW_τ`` in ``τ = σ²``, whose
   exact solution over the step is the DDIM step with ``σ_η² = s'² (1 − r^{λ_n²})``, i.e.
   ``η² = (1 − r^{λ_n²}) / (1 − r)``. So ``λ_n = 0`` gives ``η = 0`` and ``λ_n = 1`` gives ``η = 1`` exactly
