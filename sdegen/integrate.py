@@ -120,7 +120,7 @@ def integrate(
     *,
     save_at: str | Sequence[float] | Tensor | None = None,
     callback: Callable[[int, Tensor, Tensor], None] | None = None,
-    progress: bool = False,
+    progress: bool | None = False,
     final_step: str = "none",
     check_finite: bool = True,
 ) -> Solution:
@@ -140,7 +140,9 @@ def integrate(
         callback: ``callback(step, t, x)`` after each fixed step (``t`` 0-d), or after each attempted
             adaptive step (``t`` ``(batch,)``: each sample's current time; ``x`` the whole batch). May
             synchronise; your call. Path solvers do not support it.
-        progress: show a tqdm progress bar (fixed: steps; adaptive and path solvers: percent of the interval).
+        progress: a tqdm progress bar (fixed: steps; adaptive and path solvers: percent of the interval):
+            True always, None once the call has run :data:`AUTO_PROGRESS_AFTER` seconds (if tqdm is
+            installed), False never.
         final_step: ``"none"``; ``"noiseless"`` (the last step draws no noise, as score_sde's
             ``noise_removal``); ``"tweedie"`` (after the last step, replace ``x`` by ``E[x_0 | x_{t_end}]`` —
             one extra evaluation, affine equations only).
@@ -195,11 +197,9 @@ def _fixed_loop(eq, x, times_cpu, tdev, solver, noise, save_at, callback, progre
     nfe_at_step: list[int] = []
     save_set = set(save_idx)
     traj: list[Tensor] = [x] if 0 in save_set else []
-    steps: Any = range(n)
-    if progress:
-        steps = _tqdm(range(n), solver.name)
+    bar = _bar(progress, solver.name, n, "step")
     try:
-        for i in steps:
+        for i in range(n):
             step_noise = None if (final_step == "noiseless" and i == n - 1) else noise
             x, state = solver.step(eq, x, tlist[i], tlist[i + 1], step_noise, state)
             nfe_at_step.append(eq.nfe)
@@ -209,10 +209,12 @@ def _fixed_loop(eq, x, times_cpu, tdev, solver, noise, save_at, callback, progre
                 traj.append(x)
             if callback is not None:
                 callback(i, tlist[i + 1], x)
+            if bar is not None:
+                bar.update()
     finally:
         eq.prepare_grid(None)  # drop the per-grid cache even when a step raises
-        if progress:
-            steps.close()
+        if bar is not None:
+            bar.close()
     if check_finite:
         _raise_if_bad(eq, solver, times_cpu, first_nonfinite(minmax, x.device), nfe_at_step, nfe0)
     trajectory = torch.stack(traj) if traj else None
@@ -245,21 +247,30 @@ def _raise_if_bad(eq, solver, times_cpu, bad_step, nfe_at_step, nfe0) -> None:
     )
 
 
-def _tqdm(iterable: Any = None, name: str = "", total: int | None = None) -> Any:
+AUTO_PROGRESS_AFTER = 2.0
+"""Seconds after which ``progress=None`` (the entry points' default) shows a bar: long calls show progress."""
+
+
+def _bar(progress: bool | None, name: str, total: int, unit: str) -> Any:
+    """A tqdm bar: always (``True``), after :data:`AUTO_PROGRESS_AFTER` s if tqdm is installed (``None``), or None."""
+    if progress is False:
+        return None
+    if progress is not None and progress is not True:
+        raise TypeError(f"progress must be True, False or None (automatic), got {progress!r}")
     try:
         from tqdm.auto import tqdm
     except ImportError as err:  # pragma: no cover - tqdm is in the extras
+        if progress is None:
+            return None
         raise ImportError("progress=True needs tqdm: pip install tqdm") from err
-    if iterable is not None:
-        return tqdm(iterable, desc=f"sdegen {name}")
-    return tqdm(total=total, desc=f"sdegen {name}", unit="%")
+    return tqdm(total=total, desc=f"sdegen {name}", unit=unit, delay=0.0 if progress else AUTO_PROGRESS_AFTER)
 
 
 class _Percent:
     """A progress bar over the fraction of the integration interval covered."""
 
-    def __init__(self, name: str, t_start: float, t_end: float):
-        self.bar = _tqdm(name=name, total=100)
+    def __init__(self, bar: Any, t_start: float, t_end: float):
+        self.bar = bar
         self.t_start, self.span = t_start, abs(t_end - t_start)
 
     def __call__(self, t: float) -> None:
@@ -294,7 +305,8 @@ def _adaptive_loop(eq, x, times_cpu, tdev, solver: AdaptiveSolver, save_at, call
     ids = torch.arange(batch, device=dev)
     y = x
     t = torch.full((batch,), t_start, dtype=torch.float64, device=dev)
-    bar = _Percent(name, t_start, t_end) if progress else None
+    bar = _bar(progress, name, 100, "%")
+    bar = None if bar is None else _Percent(bar, t_start, t_end)
     record: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # save_at="all": (ids, step, t, x) of accepted steps
     cur_x = x.clone() if callback is not None else None
     cur_t = t.clone() if callback is not None else None
@@ -486,7 +498,8 @@ def _path(eq, x, times_cpu, tdev, solver: PathSolver, noise, save_at, callback, 
         if save_at == "all"
         else ([] if save_at is None else _output_indices(times_cpu, save_at, solver.name))
     )
-    bar = _Percent(solver.name, float(times_cpu[0]), float(times_cpu[-1])) if progress else None
+    bar = _bar(progress, solver.name, 100, "%")
+    bar = None if bar is None else _Percent(bar, float(times_cpu[0]), float(times_cpu[-1]))
     try:
         states, stats = solver.solve(eq, x, tdev, noise, monitor=bar)
     finally:

@@ -401,7 +401,7 @@ def log_likelihood(
     max_batch: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
     chunk_size: int | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     return_latent: bool = False,
     return_info: bool = False,
     **solver_options: Any,
@@ -440,7 +440,8 @@ def log_likelihood(
         model_kwargs: keyword arguments for ``score`` (tensors with a leading batch dimension follow
             the chunks and the active set).
         chunk_size: basis vectors per batched VJP of the exact trace (memory bound).
-        progress: a tqdm progress bar over the solve (percent of ``[t_min, t_max]``), per chunk.
+        progress: a tqdm progress bar over the solve (percent of ``[t_min, t_max]``), per chunk: True always,
+            None (default) once a chunk has run 2 s (if ``tqdm`` is installed), False never.
         return_latent: also return the latent ``x(t_max)``.
         return_info: also return a :class:`LikelihoodInfo` (NFE, steps, latent, prior and Δ terms).
         **solver_options: options of a named solver (``rtol=``, ``atol=``, ``max_steps=``, ...).
@@ -536,7 +537,7 @@ def bits_per_dim(
     max_batch: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
     chunk_size: int | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     return_info: bool = False,
     **solver_options: Any,
 ) -> Tensor | tuple[Tensor, LikelihoodInfo]:
@@ -702,7 +703,7 @@ def encode(
     t_max: float | None = None,
     max_batch: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     return_info: bool = False,
     **solver_options: Any,
 ) -> Tensor | tuple[Tensor, LikelihoodInfo]:
@@ -743,7 +744,7 @@ def decode(
     t_max: float | None = None,
     max_batch: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     return_info: bool = False,
     **solver_options: Any,
 ) -> Tensor | tuple[Tensor, LikelihoodInfo]:

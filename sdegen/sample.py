@@ -97,7 +97,7 @@ def reverse_sample(
     final_step: str = "none",
     save_at: str | Sequence[float] | Tensor | None = None,
     callback: Callable[[int, Tensor, Tensor], None] | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     max_batch: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
     check_finite: bool = True,
@@ -137,7 +137,8 @@ def reverse_sample(
             them to the nearest grid point; adaptive solvers emit them exactly (dense output), and with
             ``"all"`` return every accepted step with per-sample times.
         callback: ``callback(step, t, x)`` after each step (see :func:`sdegen.integrate.integrate`).
-        progress: show a tqdm progress bar (needs ``tqdm``).
+        progress: a tqdm progress bar: True always, None (default) for calls that run longer than 2 s
+            (if ``tqdm`` is installed), False never.
         max_batch: integrate at most this many samples at a time (bounded memory). With ``seed=``
             the result is bit-identical to one big batch; with ``generator=`` chunks consume the
             generator one after another, so samples differ from the unchunked run.

@@ -241,3 +241,22 @@ def test_nan_in_initial_state_of_integrate_is_not_blamed_on_the_model():
     for solver in ("heun", "rk45"):
         with pytest.raises(NonFiniteError, match="initial state"):
             integrate(eq, x, make_grid("uniform", sde, 4), get_solver(solver))
+
+
+def test_long_calls_show_progress_by_default(capsys, monkeypatch):
+    """progress=None (the default) shows a bar once a call has run AUTO_PROGRESS_AFTER seconds."""
+    import importlib
+
+    integrate_module = importlib.import_module("sdegen.integrate")  # the module (sdegen.integrate is the function)
+
+    sde = VPSDE()
+    score = GM.perturbed(sde).score
+    reverse_sample(sde, score, (4, 2), solver="heun", steps=5)
+    assert "sdegen heun" not in capsys.readouterr().err  # a short call stays quiet
+    monkeypatch.setattr(integrate_module, "AUTO_PROGRESS_AFTER", 0.0)
+    reverse_sample(sde, score, (4, 2), solver="heun", steps=5)
+    log_likelihood(sde, score, _x(), rtol=1e-3, atol=1e-3)
+    err = capsys.readouterr().err
+    assert "sdegen heun" in err and "5/5" in err and "sdegen rk45" in err and "100%" in err
+    reverse_sample(sde, score, (4, 2), solver="heun", steps=5, progress=False)
+    assert capsys.readouterr().err == ""
