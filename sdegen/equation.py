@@ -35,7 +35,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from ._utils import first_nonfinite
+from ._utils import finiteness_probe, first_nonfinite
 
 __all__ = [
     "Equation",
@@ -160,7 +160,7 @@ class EquationBase:
 
     Subclasses implement ``drift`` and ``diffusion`` and call :meth:`record_evaluation` on every
     network output: it counts the evaluation and tracks non-finite values on the device (one
-    ``aminmax`` per evaluation, folded into the index of the first bad evaluation), so that no step
+    reduction per evaluation, folded into the index of the first bad evaluation), so that no step
     synchronises with the host.
     """
 
@@ -170,24 +170,22 @@ class EquationBase:
 
     def __init__(self) -> None:
         self.nfe = 0
-        self._minmax: list[tuple[Tensor, Tensor]] = []
+        self._probes: list[Tensor] = []
         self._first_bad: Tensor | None = None
 
     # -- evaluation accounting --------------------------------------------------------------------
     def record_evaluation(self, out: Tensor) -> None:
         """Count one network evaluation and remember whether ``out`` was finite (no sync)."""
-        # all finite <=> min and max finite (both propagate NaN): one reduction, detached (no graph kept)
-        if out.numel():
-            self._minmax.append(torch.aminmax(out.detach()))
+        self._probes.append(finiteness_probe(out))  # detached: never keeps a graph alive
         self.nfe += 1
-        if len(self._minmax) >= _FOLD_EVERY:
+        if len(self._probes) >= _FOLD_EVERY:
             self._fold()
 
     def _fold(self) -> None:
-        pending, self._minmax = self._minmax, []
+        pending, self._probes = self._probes, []
         if not pending:
             return
-        first = first_nonfinite(pending, pending[0][0].device, offset=self.nfe - len(pending))
+        first = first_nonfinite(pending, pending[0].device, offset=self.nfe - len(pending))
         if self._first_bad is None:
             self._first_bad = first
         else:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._utils import bcast, first_nonfinite, time_dtype
+from ._utils import bcast, finiteness_probe, first_nonfinite, time_dtype
 from .equation import Equation, EquationBase
 from .errors import MaxStepsExceeded, NonFiniteError
 from .noise import NoiseSource
@@ -192,8 +192,8 @@ def _fixed_loop(eq, x, times_cpu, tdev, solver, noise, save_at, callback, progre
     state = solver.init_state(eq, x, tdev)
     tlist = tdev.unbind()  # views of every grid time, made once (no per-step indexing op)
     eq.prepare_grid(tlist, x)  # per-time coefficients in one vectorised pass (ReverseSDE)
-    # (min, max) of the initial state, then of the state after every step: the NaN/Inf check
-    minmax: list[tuple[Tensor, Tensor]] = [torch.aminmax(x.detach())] if check_finite else []
+    # finiteness probes of the initial state, then of the state after every step: the NaN/Inf check
+    probes: list[Tensor] = [finiteness_probe(x)] if check_finite else []
     nfe_at_step: list[int] = []
     save_set = set(save_idx)
     traj: list[Tensor] = [x] if 0 in save_set else []
@@ -204,7 +204,7 @@ def _fixed_loop(eq, x, times_cpu, tdev, solver, noise, save_at, callback, progre
             x, state = solver.step(eq, x, tlist[i], tlist[i + 1], step_noise, state)
             nfe_at_step.append(eq.nfe)
             if check_finite:
-                minmax.append(torch.aminmax(x.detach()))  # all finite <=> min and max finite; one pass, no sync
+                probes.append(finiteness_probe(x))  # one cheap reduction, no sync
             if i + 1 in save_set:
                 traj.append(x)
             if callback is not None:
@@ -216,7 +216,7 @@ def _fixed_loop(eq, x, times_cpu, tdev, solver, noise, save_at, callback, progre
         if bar is not None:
             bar.close()
     if check_finite:
-        _raise_if_bad(eq, solver, times_cpu, first_nonfinite(minmax, x.device), nfe_at_step, nfe0)
+        _raise_if_bad(eq, solver, times_cpu, first_nonfinite(probes, x.device), nfe_at_step, nfe0)
     trajectory = torch.stack(traj) if traj else None
     traj_times = times_cpu[save_idx].to(tdev.device, tdev.dtype) if traj else None
     return Solution(x=x, nfe=0, times=tdev, trajectory=trajectory, trajectory_times=traj_times)

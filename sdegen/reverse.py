@@ -90,6 +90,7 @@ class ReverseSDE(EquationBase):
             and getattr(sde._diffusion, "__func__", None) is LinearSDE._linear_diffusion
         )
         self._grid: dict[int, tuple] | None = None  # see prepare_grid
+        self._tweedie_coef: tuple | None = None
 
     # -- structure the solvers may use -------------------------------------------------------------
     @property
@@ -148,8 +149,11 @@ class ReverseSDE(EquationBase):
             g2 = (g * g).unbind()
         else:
             a = g2 = (None,) * len(times)
-        self._grid = {id(v): (v, bt, ai, gi) for v, bt, ai, gi in zip(times, batch_t, a, g2, strict=True)}
+        rows = zip(times, batch_t, a, g2, strict=True)
+        self._grid = {id(v): (v, bt, ai, gi, k) for k, (v, bt, ai, gi) in enumerate(rows)}
         self._grid_key = (x.shape[0], x.dtype, x.device)
+        self._grid_tt = tt
+        self._tweedie_coef = None  # (1/m, s²/m) per grid time, made on the first denoise() from a score
 
     def _grid_hit(self, x: Tensor, t: Tensor) -> tuple | None:
         if self._grid is None:
@@ -239,10 +243,17 @@ class ReverseSDE(EquationBase):
         from its own parametrisation; otherwise, or with ``score`` given, Tweedie's formula
         ``(x + s² ∇log p_t) / m``.
         """
-        tb = as_batch_time(t, x)
         if score is None and self._predicts:
-            _, x0 = self._evaluate(x, tb, predict=True)
+            _, x0 = self._evaluate(x, t, predict=True)
             return x0
+        hit = self._grid_hit(x, t)
+        if hit is not None:  # a grid time: x/m + (s²/m) score with 0-d coefficients made once per grid
+            if self._tweedie_coef is None:
+                m, s = self.marginal(self._grid_tt)
+                self._tweedie_coef = ((1.0 / m).to(x.dtype).unbind(), (s * s / m).to(x.dtype).unbind())
+            inv_m, s2_m = self._tweedie_coef[0][hit[4]], self._tweedie_coef[1][hit[4]]
+            return torch.addcmul(x * inv_m, s2_m, self.score(x, t) if score is None else score)
+        tb = as_batch_time(t, x)
         return self._tweedie(x, tb, self.score(x, tb) if score is None else score)
 
     def _tweedie(self, x: Tensor, tb: Tensor, score: Tensor) -> Tensor:

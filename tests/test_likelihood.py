@@ -261,7 +261,7 @@ def test_memory_does_not_grow_with_steps():
         )
         assert not ll.requires_grad and ll.grad_fn is None
     # if this fails, something keeps a reference into each evaluation's autograd graph across steps
-    # (e.g. a non-finite check storing torch.aminmax(out) of a grad-requiring score without .detach())
+    # (e.g. a non-finite check storing a reduction of a grad-requiring score without .detach())
     assert peaks[20] > 0 and peaks[200] <= 1.1 * peaks[20], peaks
     # adaptive: tight tolerance (many steps) vs loose
     ll_t, info_t = log_likelihood(sde, pm.score, x, rtol=1e-9, atol=1e-9, return_info=True)
