@@ -70,11 +70,11 @@ def run(quick: bool = False, log=print) -> dict:
             if quick and ours == "dpmpp_2m" and net is not None:
                 continue
             for n in (10, 50):
-                def a(n=n, ours=ours, score=score):
+                def a(n=n, ours=ours, score=score, shape=shape):
                     reverse_sample(sde, score, shape, solver=ours, steps=n, grid="edm", noise_scale=0.0,
                                    generator=torch.Generator().manual_seed(0), progress=False)
 
-                def b(n=n, theirs=theirs, denoiser=denoiser):
+                def b(n=n, theirs=theirs, denoiser=denoiser, shape=shape):
                     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 80.0
                     sig = kd.get_sigmas_karras(n + 1, 0.002, 80.0)[:-1]  # n steps ending at σ_min, as sdegen
                     getattr(kd, theirs)(denoiser, x, sig, disable=True)
