@@ -240,7 +240,7 @@ def from_velocity(network: Network, sde: LinearSDE, **kw) -> ScoreModel:
 
 # -- third-party models and guidance (thin re-exports; the optional packages are never imported here) ---
 def from_diffusers(model, scheduler, **kw):
-    """``(sde, score)`` for a ``diffusers`` model and its DDPM-style scheduler.
+    """``(sde, score)`` for a ``diffusers`` model and its DDPM-style or flow-matching (``FlowMatch*``) scheduler.
 
     See :func:`sdegen.integrations.diffusers.from_diffusers`.
     """

@@ -115,12 +115,21 @@ class GaussianMixture:
         return logp, score.reshape(x.shape)
 
     def _posterior(self, x: Tensor, m: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
-        """``(score, E[x_0 | x_t])`` flattened ``(B, d)`` in the oracle's dtype, both finite where ``m = 0``."""
+        """``(score, E[x_0 | x_t])`` flattened ``(B, d)`` in the oracle's dtype, both finite where ``m = 0``.
+
+        ``E[x_0 | x_t]`` is Tweedie's ``(x + s² score)/m`` where the signal dominates (``m >= s``: the most exact
+        there, and consistent with the score to rounding) and the mixture of the components' posterior means
+        elsewhere (no division by a small ``m``).
+        """
         y = self._flat(x)
-        logp_k, sc_k, mean_k = self._components(y, m.to(y.dtype), s.to(y.dtype), posterior=True)
+        m, s = m.to(y.dtype), s.to(y.dtype)
+        logp_k, sc_k, mean_k = self._components(y, m, s, posterior=True)
         joint = logp_k + torch.log(self.weights)[None]
         resp = torch.exp(joint - torch.logsumexp(joint, dim=1)[:, None])[..., None]
-        return (resp * sc_k).sum(1), (resp * mean_k).sum(1)
+        score, post = (resp * sc_k).sum(1), (resp * mean_k).sum(1)
+        signal = (m >= s)[:, None]
+        tweedie = (y + (s**2)[:, None] * score) / torch.where(signal, m[:, None], torch.ones_like(m)[:, None])
+        return score, torch.where(signal, tweedie, post)
 
     def log_prob(self, x: Tensor) -> Tensor:
         """``log p(x)`` per sample, ``(batch,)``, in the oracle's dtype."""
@@ -224,8 +233,8 @@ class PerturbedMixture:
         return (-bcast(s, sc) * sc).to(x.dtype)
 
     def denoiser(self, x: Tensor, t) -> Tensor:
-        """Exact ``E[x_0 | x_t]`` (``= (x + s² score) / m`` by Tweedie's formula; computed as the mixture of the
-        components' posterior means, so it is finite also where ``m = 0``)."""
+        """Exact ``E[x_0 | x_t] = (x + s² score) / m`` (Tweedie), finite also where ``m = 0`` (where the noise
+        dominates it is computed as the mixture of the components' posterior means)."""
         m, s = self._ms(x, t)
         return self.mixture._posterior(x, m, s)[1].reshape(x.shape).to(x.dtype)
 
