@@ -520,3 +520,24 @@ def test_noise_level_grids_from_t_equal_1(kind):
     x = reverse_sample(sde, from_flow(GM.perturbed(sde).flow_velocity, sde), (16, 2), solver="dpmpp_2m", grid=kind,
                        steps=10, seed=0, dtype=F64, progress=False)
     assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("solver, lam", [("euler_maruyama", 0.0), ("heun", 0.0), ("ddim", 1.0), ("dpmpp_2m", 0.0)])
+def test_no_host_device_sync_inside_the_loop_from_t_equal_1(solver, lam):
+    """The velocity-form drift and the start check add no synchronisation to the step loop (GPU-ready)."""
+    from test_gpu_ready import count_syncs
+
+    from sdegen import integrate
+    from sdegen.noise import GeneratorNoise
+
+    sde = FlowMatchingSDE()
+    eq = ReverseSDE(sde, from_flow(lambda x, t: -x, sde), lam)  # a zero-cost "network"
+    marks = {}
+
+    def callback(i, t, x):
+        marks[i] = len(counter.events)
+
+    with count_syncs() as counter:
+        integrate(eq, torch.randn(8, 2), make_grid("uniform", sde, 6), get_solver(solver),
+                  GeneratorNoise(_gen(0)), callback=callback)
+    assert counter.events[marks[0]:marks[5]] == [], counter.events
