@@ -14,6 +14,7 @@ from .errors import MaxStepsExceeded, NonFiniteError, NotDifferentiableError
 from .grids import make_grid
 from .guidance import classifier_free, classifier_guidance
 from .integrate import Solution, integrate
+from .interpolant import CosineInterpolantSDE, FlowMatchingSDE, InterpolantSDE
 from .likelihood import (
     AugmentedFlow,
     LikelihoodInfo,
@@ -23,14 +24,16 @@ from .likelihood import (
     encode,
     log_likelihood,
 )
-from .losses import dsm_loss
+from .losses import dsm_loss, flow_matching_loss
 from .models import (
+    FlowModel,
     PerSampleModel,
     ScoreModel,
     edm_precondition,
     from_denoiser,
     from_diffusers,
     from_epsilon,
+    from_flow,
     from_k_diffusion,
     from_score,
     from_velocity,
@@ -51,6 +54,9 @@ __all__ = [
     "SubVPSDE",
     "EDMSDE",
     "DiscreteVPSDE",
+    "InterpolantSDE",
+    "FlowMatchingSDE",
+    "CosineInterpolantSDE",
     "ReverseSDE",
     "reverse_sample",
     "forward_sample",
@@ -63,6 +69,7 @@ __all__ = [
     "AugmentedFlow",
     "NotDifferentiableError",
     "dsm_loss",
+    "flow_matching_loss",
     "integrate",
     "Solution",
     "Equation",
@@ -76,6 +83,8 @@ __all__ = [
     "from_epsilon",
     "from_denoiser",
     "from_velocity",
+    "from_flow",
+    "FlowModel",
     "from_diffusers",
     "from_k_diffusion",
     "edm_precondition",

@@ -240,7 +240,7 @@ def from_velocity(network: Network, sde: LinearSDE, **kw) -> ScoreModel:
 
 # -- third-party models and guidance (thin re-exports; the optional packages are never imported here) ---
 def from_diffusers(model, scheduler, **kw):
-    """``(sde, score)`` for a ``diffusers`` model and its DDPM-style scheduler.
+    """``(sde, score)`` for a ``diffusers`` model and its DDPM-style or flow-matching (``FlowMatch*``) scheduler.
 
     See :func:`sdegen.integrations.diffusers.from_diffusers`.
     """
@@ -290,3 +290,88 @@ def classifier_guidance(score, log_prob_y, scale=1.0, **kw):
 
 
 __all__ += ["from_diffusers", "from_k_diffusion", "edm_precondition", "classifier_free", "classifier_guidance"]
+
+
+# -- flow-matching velocity models (sdegen.interpolant) -------------------------------------------------
+# The flow-matching velocity v = ṁ x0 + ṡ ε (for an interpolant SDE ṁ = α̇, ṡ = σ̇; rectified flow:
+# v = ε − x0) is the probability-flow drift. It is NOT Salimans & Ho's v = m ε − s x0 of from_velocity.
+def _rates(sde: LinearSDE, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from .interpolant import kernel_rates
+
+    if not hasattr(sde, "marginal"):
+        raise TypeError(f"flow adapters need an affine SDE with marginal(t); got {type(sde).__name__}")
+    rates = kernel_rates(sde, as_batch_time(t, x))
+    return tuple(bcast(r.to(x.dtype), x) for r in rates)  # type: ignore[return-value]
+
+
+def _flow_split(sde: LinearSDE, x: Tensor, t: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x̂0, ε̂, s)`` from a flow velocity: solve ``x = m x̂0 + s ε̂``, ``v = ṁ x̂0 + ṡ ε̂``."""
+    m, s, dm, ds = _rates(sde, x, t)
+    det = m * ds - dm * s  # = m² d(s/m)/dt > 0; 1 for rectified flow, π/2 for the cosine path
+    return (ds * x - s * v) / det, (m * v - dm * x) / det, s
+
+
+def score_from_flow(sde: LinearSDE, x: Tensor, t: Tensor, v: Tensor) -> Tensor:
+    """``score = −ε̂/s`` from a flow-matching velocity ``v = ṁ x̂0 + ṡ ε̂`` (``ε̂ = (m v − ṁ x)/(m ṡ − ṁ s)``)."""
+    _, eps, s = _flow_split(sde, x, t, v)
+    return -eps / s
+
+
+def flow_from_score(sde: LinearSDE, x: Tensor, t: Tensor, score: Tensor) -> Tensor:
+    """The flow-matching velocity ``v = ṁ x̂0 + ṡ ε̂`` from the score (Tweedie's ``x̂0``, ``ε̂ = −s · score``).
+
+    This is the probability-flow drift ``a x − ½ g² score`` of the SDE, written in the kernel's rates.
+    """
+    m, s, dm, ds = _rates(sde, x, t)
+    return dm * (x + s**2 * score) / m - ds * s * score
+
+
+class FlowModel(ScoreModel):
+    """A flow-matching network ``v̂(x, t) ≈ E[ṁ x_0 + ṡ ε | x_t]`` as a score model (:func:`from_flow`).
+
+    For an interpolant SDE (:mod:`sdegen.interpolant`) ``ṁ = α̇``, ``ṡ = σ̇``: the velocity of Lipman et al.
+    (2023) and Liu et al. (2023) — for rectified flow ``v = ε − x_0``. With ``det = m ṡ − ṁ s``::
+
+        x̂0 = (ṡ x − s v̂)/det,      ε̂ = (m v̂ − ṁ x)/det,      score = −ε̂/s,
+
+    so ``x̂0`` (and the probability-flow drift, which equals ``v̂``) stay finite where ``m = 0`` (``t = 1``).
+    :meth:`predict` gives ``(score, x̂0)`` from one network call, so exponential integrators and the
+    velocity-form drift of :class:`~sdegen.ReverseSDE` use the network's own prediction.
+    """
+
+    _CONVERT = {**ScoreModel._CONVERT, "flow": score_from_flow}
+
+    def __init__(self, network: Network, sde: LinearSDE, *, time_input: Callable[[Tensor], Tensor] | None = None):
+        if sde is None or not hasattr(sde, "marginal"):
+            raise TypeError(f"from_flow needs an affine SDE (e.g. sdegen.FlowMatchingSDE()), got {sde!r}")
+        super().__init__(network, sde, "flow", time_input=time_input)
+
+    def predict(self, x: Tensor, t: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
+        """``(score, x̂0)`` from one network call: ``x̂0 = (ṡ x − s v̂)/(m ṡ − ṁ s)``, ``score = −ε̂/s``."""
+        v = self._output(x, t, kwargs)
+        x0, eps, s = _flow_split(self.sde, x, t, v)
+        return -eps / s, x0
+
+    def __repr__(self) -> str:
+        return f"FlowModel(sde={self.sde!r})"
+
+
+def from_flow(network: Network, sde: LinearSDE, **kw) -> FlowModel:
+    """A flow-matching velocity network ``v̂ = α̇ x̂0 + σ̇ ε̂`` (rectified flow: ``ε − x0``) as a score model.
+
+    The convention of flow matching / rectified flow (Stable Diffusion 3, Flux, SiT, Meta's ``flow_matching``,
+    ``torchcfm`` — in sdegen's time, where ``t = 1`` is noise): the network predicts the time derivative of the
+    path ``x_t = α x0 + σ ε``, which is the probability-flow drift. Not to be confused with
+    :func:`from_velocity`, Salimans & Ho's ``v = m ε − s x0`` (diffusers' ``v_prediction``). Libraries whose
+    time runs the other way (Meta's ``flow_matching``: ``t = 0`` noise) predict ``−v`` at ``1 − t``.
+
+    Args:
+        network: ``network(x, t, **kwargs) -> v̂`` shaped like ``x``.
+        sde: the path, e.g. :class:`sdegen.FlowMatchingSDE` (any :class:`~sdegen.LinearSDE` works: then ``v``
+            means ``ṁ x0 + ṡ ε`` of its kernel).
+        time_input: optional map from ``t`` to the network's time input (e.g. ``lambda t: 1000 * t``).
+    """
+    return FlowModel(network, sde, **kw)
+
+
+__all__ += ["FlowModel", "from_flow", "score_from_flow", "flow_from_score"]

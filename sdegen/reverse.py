@@ -35,6 +35,12 @@ if TYPE_CHECKING:
 
 __all__ = ["ReverseSDE", "ScoreFn"]
 
+_NOT_DIFFERENTIABLE = (
+    "the score model's output does not depend on x through autograd, so its divergence cannot "
+    "be computed: the model runs under torch.no_grad()/torch.inference_mode() or detaches its "
+    "input. Remove that (sdegen takes gradients only inside each evaluation; memory stays bounded)."
+)
+
 ScoreFn = Callable[..., Tensor]
 """A score model: ``score(x, t) -> ∇_x log p_t(x)`` with ``x`` ``(batch, *dims)``, ``t`` ``(batch,)``."""
 
@@ -91,6 +97,10 @@ class ReverseSDE(EquationBase):
         )
         self._grid: dict[int, tuple] | None = None  # see prepare_grid
         self._tweedie_coef: tuple | None = None
+        # interpolant SDEs (flow matching): the drift in velocity form, finite where α = 0 (see _flow_drift)
+        from .interpolant import InterpolantSDE
+
+        self._interpolant = self._affine and isinstance(sde, InterpolantSDE)
 
     # -- structure the solvers may use -------------------------------------------------------------
     @property
@@ -149,8 +159,12 @@ class ReverseSDE(EquationBase):
             g2 = (g * g).unbind()
         else:
             a = g2 = (None,) * len(times)
-        rows = zip(times, batch_t, a, g2, strict=True)
-        self._grid = {id(v): (v, bt, ai, gi, k) for k, (v, bt, ai, gi) in enumerate(rows)}
+        flow: Sequence = (None,) * len(times)
+        if self._interpolant:  # the velocity-form coefficients (α̇, c) of _flow_drift
+            da, c = self.sde.flow_coefficients(tt, self.noise_scale)
+            flow = list(zip(da.to(x.dtype).unbind(), c.to(x.dtype).unbind(), strict=True))
+        rows = zip(times, batch_t, a, g2, flow, strict=True)
+        self._grid = {id(v): (v, bt, ai, gi, k, fi) for k, (v, bt, ai, gi, fi) in enumerate(rows)}
         self._grid_key = (x.shape[0], x.dtype, x.device)
         self._grid_tt = tt
         self._tweedie_coef = None  # (1/m, s²/m) per grid time, made on the first denoise() from a score
@@ -223,18 +237,85 @@ class ReverseSDE(EquationBase):
         With ``differentiable=True`` (the likelihood's divergence) a model output without an autograd graph
         to ``x`` raises :class:`~sdegen.errors.NotDifferentiableError` instead of giving a wrong divergence.
         """
+        if self._interpolant and self._predicts:
+            return self._flow_drift(x, t, differentiable)
         score = self.score(x, t)
         if differentiable and not score.requires_grad:
-            raise NotDifferentiableError(
-                "the score model's output does not depend on x through autograd, so its divergence cannot "
-                "be computed: the model runs under torch.no_grad()/torch.inference_mode() or detaches its "
-                "input. Remove that (sdegen takes gradients only inside each evaluation; memory stays bounded)."
-            )
+            raise NotDifferentiableError(_NOT_DIFFERENTIABLE)
         return self.drift_from_score(x, t, score)
 
+    def _flow_drift(self, x: Tensor, t: Tensor, differentiable: bool) -> Tensor:
+        """The drift of an interpolant SDE in velocity form, ``α̇ x̂0 − c ∇log p_t`` (one network evaluation).
+
+        With Tweedie's ``x = α x̂0 − σ² ∇log p_t`` the drift ``(α̇/α) x − (1 + λ²)/2 · g² ∇log p_t`` becomes
+        ``α̇ x̂0 − c ∇log p_t`` with ``c = (1 + λ²) σσ̇ − λ² (α̇/α) σ²``
+        (:meth:`~sdegen.interpolant.InterpolantSDE.flow_coefficients`). For ``λ = 0`` it is the velocity
+        ``α̇ x̂0 + σ̇ ε̂``: finite at ``α = 0``, where ``α̇/α`` and ``g²`` are not. ``x̂0`` and the score come from
+        the model's one prediction (:class:`~sdegen.models.DenoisingModel`).
+        """
+        hit = self._grid_hit(x, t)
+        tb = hit[1] if hit is not None else as_batch_time(t, x)
+        score, x0 = self._evaluate(x, tb, predict=True)
+        if differentiable and not (score.requires_grad or x0.requires_grad):
+            raise NotDifferentiableError(_NOT_DIFFERENTIABLE)
+        if hit is not None:
+            da, c = hit[5]
+        else:
+            if isinstance(t, Tensor) and t.ndim == 0:
+                tt = t.to(device=x.device, dtype=t.dtype if t.dtype == torch.float64 else time_dtype(x.dtype))
+            else:
+                tt = tb
+            da, c = (bcast(v.to(x.dtype), x) for v in self.sde.flow_coefficients(tt, self.noise_scale))
+        return torch.addcmul(da * x0, c, score, value=-1.0)
+
+    def check_start(self, solver: object, t_start: Tensor) -> None:
+        """Refuse, before any work, a solver that cannot start at ``t_start`` (a 0-d CPU tensor) on this equation.
+
+        Only where the signal is gone (``α(t_start) = 0``: ``t = 1`` of a flow-matching path,
+        :mod:`sdegen.interpolant`) is there anything to check; the solver's
+        :attr:`~sdegen.solvers.Solver.zero_signal_start` says what its first step evaluates there. Called by
+        :func:`sdegen.integrate.integrate`; reads ``t_start`` only for such SDEs.
+        """
+        if not (self._interpolant and self.sde.signal_vanishes_at_T):
+            return
+        t0 = float(t_start)
+        if t0 < self.T or float(self.sde.marginal(torch.tensor(t0, dtype=torch.float64))[0]) != 0.0:
+            return
+        name = getattr(solver, "name", type(solver).__name__)
+        kind = getattr(solver, "zero_signal_start", "drift")
+        where = f"t={t0:g}, where the signal coefficient α(t) of {self.sde!r} is 0"
+        wrap = (
+            "the score model gives no data prediction x̂0 of its own, and Tweedie's x̂0 = (x + σ² score)/α divides "
+            "by α = 0: wrap the network with sdegen.from_flow (a flow-matching velocity), from_velocity, "
+            "from_epsilon or from_denoiser, or start below: t_max=1 - 1e-3"
+        )
+        if kind == "none":
+            return
+        if kind == "denoise":
+            if not self._predicts:
+                raise ValueError(f"solver {name!r} cannot start at {where}: {wrap}")
+            return
+        if kind == "drift":
+            if self.noise_scale > 0.0:
+                raise ValueError(
+                    f"solver {name!r} evaluates the drift and diffusion of the reverse SDE (noise_scale="
+                    f"{self.noise_scale:g}) at {where}: both are infinite there (g² = 2σ²(σ̇/σ − α̇/α)). Use "
+                    "solver='ddim' (noise_scale=λ) or 'ancestral' (noise_scale=1), which step from there with the "
+                    "exact Gaussian kernel; or the probability-flow ODE (noise_scale=0); or start below T "
+                    "(t_max=1 - 1e-3, prior N(0, t_max²))"
+                )
+            if not self._predicts:
+                raise ValueError(f"solver {name!r} cannot start the probability-flow ODE at {where}: {wrap}")
+            return
+        raise ValueError(
+            f"solver {name!r} cannot start at {where} (its step divides by α there): start below T "
+            "(t_max=1 - 1e-3), or use 'euler_maruyama', 'heun', 'rk45', 'ddim' or 'dpmpp_2m', which start there"
+        )
+
     def diffusion(self, x: Tensor, t: Tensor) -> Tensor:
-        """``λ G(x, t)``, broadcastable to ``x``."""
-        return self.noise_scale * self.sde.diffusion(x, as_batch_time(t, x))
+        """``λ G(x, t)``, broadcastable to ``x`` (zero for the probability-flow ODE, also where ``G`` is infinite)."""
+        g = self.sde.diffusion(x, as_batch_time(t, x))
+        return torch.zeros_like(g) if self.noise_scale == 0.0 else self.noise_scale * g
 
     def denoise(self, x: Tensor, t: Tensor, score: Tensor | None = None) -> Tensor:
         """``x̂0 = E[x_0 | x_t]`` (affine SDEs only): one network evaluation unless ``score`` is given.

@@ -45,6 +45,8 @@ def test_quickstart_example_runs(tmp_path):
         ["examples/toy_2d.py", "--quick"],
         ["examples/digits.py", "--quick"],
         ["examples/diffusers_unet.py"],
+        ["examples/flow_matching.py", "--quick"],
+        ["examples/diffusers_flow.py"],
         ["examples/distributed_sampling.py"],
     ],
     ids=lambda s: s[0].split("/")[-1],

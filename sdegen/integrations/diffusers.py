@@ -127,8 +127,14 @@ def from_diffusers(
     timestep_rounding: str = "round",
     prediction_type: str | None = None,
     t_min: float | None = None,
+    **flow_options: Any,
 ) -> tuple[DiscreteVPSDE, ScoreModel]:
     """Wrap a ``diffusers`` model and its training scheduler into ``(sde, score)``.
+
+    A flow-matching scheduler (``FlowMatchEulerDiscreteScheduler``, ``FlowMatchHeunDiscreteScheduler``: Stable
+    Diffusion 3, Flux) gives a rectified-flow ``(sde, score)`` instead: see
+    :func:`sdegen.integrations.diffusers_flow.from_diffusers_flow` (its options ``mu``, ``image_seq_len``,
+    ``timestep_scale`` go in ``**flow_options``).
 
     Args:
         model: a ``diffusers`` model (``UNet2DModel``, ``UNet2DConditionModel``, ...) or any callable
@@ -166,6 +172,14 @@ def from_diffusers(
     The scheduler's ``clip_sample``/``thresholding`` post-processing of ``x̂0`` is not applied (it is
     not part of the model); reproduce diffusers with ``clip_sample=False``.
     """
+    from .diffusers_flow import from_diffusers_flow, is_flow_scheduler
+
+    if is_flow_scheduler(scheduler):  # a velocity model on a flow-matching path (diffusers_flow.py)
+        if timestep_rounding != "round":
+            raise ValueError("timestep_rounding applies to DDPM-style schedulers; flow models take float timesteps")
+        return from_diffusers_flow(model, scheduler, t_min=t_min, prediction_type=prediction_type, **flow_options)
+    if flow_options:
+        raise TypeError(f"from_diffusers() got unexpected options {sorted(flow_options)} (for flow schedulers only)")
     if prediction_type is None:
         prediction_type = _config(scheduler, "prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES:

@@ -72,6 +72,7 @@ class Ancestral(Solver):
     supports_sde = True
     supports_ode = False
     nfe_per_step = 1
+    zero_signal_start = "denoise"  # steps with the kernel and the model's x̂0: finite from m = 0
 
     def __init__(self, variance: str = "beta"):
         if variance not in VARIANCES:

@@ -46,6 +46,13 @@ class Solver:
             see ``docs/solvers.md``).
         default_steps: the number of steps ``reverse_sample`` takes when ``steps`` is not given.
         adaptive: True for :class:`AdaptiveSolver` s (they choose their own steps; ``steps`` is unused).
+        zero_signal_start: what a step evaluates at its start time, which decides whether the solver can
+            start where the signal is gone (``m(t) = 0``: ``t = 1`` of a flow-matching path,
+            :mod:`sdegen.interpolant`; checked by :meth:`sdegen.ReverseSDE.check_start`): ``"drift"``
+            (default) — the drift and diffusion, finite there for the probability-flow ODE only (in velocity
+            form); ``"denoise"`` — only the kernel ``(m, s)`` and the model's ``x̂0``, finite for every noise
+            scale; ``"none"`` — nothing (e.g. Langevin steps at the next time); ``"refuse"`` — it cannot
+            start there (e.g. it divides by ``m``).
     """
 
     name: ClassVar[str] = ""
@@ -59,6 +66,7 @@ class Solver:
     default_grid: ClassVar[str] = "uniform"
     default_steps: ClassVar[int] = 1000
     adaptive: ClassVar[bool] = False
+    zero_signal_start: ClassVar[str] = "drift"
 
     @property
     def default_noise_scale(self) -> float:

@@ -51,6 +51,7 @@ class DDIM(Solver):
     supports_sde = True
     supports_ode = True
     nfe_per_step = 1
+    zero_signal_start = "denoise"  # steps with the kernel and the model's x̂0: finite from m = 0
 
     def __init__(self, eta: float | None = None):
         if eta is not None:

@@ -95,6 +95,7 @@ class _DPMSolverPPMultistep(Solver):
     supports_sde: ClassVar[bool] = False
     supports_ode: ClassVar[bool] = True
     nfe_per_step: ClassVar[int] = 1
+    zero_signal_start: ClassVar[str] = "denoise"  # steps with the kernel and the model's x̂0: finite from m = 0
 
     def __init__(self, lower_order_final: bool = True):
         if not isinstance(lower_order_final, bool):

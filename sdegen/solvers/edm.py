@@ -95,6 +95,7 @@ class EDMSampler(Solver):
     supports_sde = False
     supports_ode = True
     nfe_per_step = 2
+    zero_signal_start = "refuse"  # σ = s/m is infinite where m = 0
 
     def __init__(self, S_churn: float = 0.0, S_tmin: float = 0.0, S_tmax: float = math.inf, S_noise: float = 1.0):
         self.S_churn = _number("S_churn", S_churn)

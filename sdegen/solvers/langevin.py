@@ -114,6 +114,7 @@ class AnnealedLangevin(Solver):
     supports_sde = True
     supports_ode = False
     nfe_per_step = 100
+    zero_signal_start = "none"  # evaluates only at the next time: finite from m = 0
 
     def __init__(self, n_steps_each: int = 100, step_size: float | None = None, snr: float | None = None):
         self.n_steps_each = count_option(self.name, "n_steps_each", n_steps_each, 1)

@@ -97,6 +97,7 @@ class PredictorCorrector(Solver):
         if isinstance(self.predictor, PathSolver):
             raise ValueError(f"solver 'pc': the predictor must be a fixed-step solver, got {predictor!r}")
         self.nfe_per_step = self.predictor.nfe_per_step + self.n_corrector
+        self.zero_signal_start = self.predictor.zero_signal_start  # the corrector runs at the next time
         self.order = self.predictor.order
 
     def check(self, eq: Equation) -> None:

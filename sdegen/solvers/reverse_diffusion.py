@@ -41,6 +41,7 @@ class ReverseDiffusion(Solver):
     supports_sde = True
     supports_ode = True
     nfe_per_step = 1
+    zero_signal_start = "refuse"  # its 2 − a ≈ 1/a fails at a = m(t)/m(t') = 0
 
     def __init__(self) -> None:
         self._fallback = EulerMaruyama()

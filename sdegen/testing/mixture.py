@@ -2,7 +2,8 @@
 
 If ``x_0 ~ Σ_k w_k N(μ_k, Σ_k)`` and ``x_t = m(t) x_0 + s(t) z`` (any affine SDE), then
 ``p_t = Σ_k w_k N(m μ_k, m² Σ_k + s² I)`` — so the exact score, log-density and samples are known
-at every ``t``, and so are the exact ε / x̂0 / v predictions derived from that score.
+at every ``t``, and so are the exact ε / x̂0 / v predictions derived from that score and the
+flow-matching velocity ``ṁ x̂0 + ṡ ε̂`` (:meth:`PerturbedMixture.flow_velocity`).
 
 Covariances may be full ``(K, d, d)``, diagonal ``(K, d)`` or isotropic ``(K,)`` variances. Each
 full covariance is diagonalised once, ``Σ_k = U_k Λ_k U_kᵀ``, so
@@ -74,8 +75,14 @@ class GaussianMixture:
         return out
 
     # -- the mixture at one "noise level": m x0 + s z ----------------------------------------------
-    def _components(self, y: Tensor, m: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-component log-densities ``(B, K)`` and scores ``(B, K, d)`` of ``N(m μ_k, m²Σ_k + s²I)``."""
+    def _components(
+        self, y: Tensor, m: Tensor, s: Tensor, *, posterior: bool = False
+    ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
+        """Per-component log-densities ``(B, K)`` and scores ``(B, K, d)`` of ``N(m μ_k, m²Σ_k + s²I)``.
+
+        With ``posterior`` also the per-component posterior means ``E[x_0 | x_t, k] = μ_k + m Σ_k C_k⁻¹ (y − m μ_k)``
+        ``(B, K, d)``, which need no division by ``m`` (finite where the signal is gone, ``m = 0``).
+        """
         var = m[:, None, None] ** 2 * self.eigvals[None] + s[:, None, None] ** 2  # (B, K, d)
         diff = y[:, None, :] - m[:, None, None] * self.means[None]  # (B, K, d)
         proj = diff if self.basis is None else torch.einsum("bkd,kde->bke", diff, self.basis)
@@ -84,7 +91,12 @@ class GaussianMixture:
         sc = -proj / var
         if self.basis is not None:
             sc = torch.einsum("bke,kde->bkd", sc, self.basis)
-        return logp, sc
+        if not posterior:
+            return logp, sc
+        shrink = m[:, None, None] * self.eigvals[None] * proj / var  # m Λ Uᵀ C⁻¹ diff, in the eigenbasis
+        if self.basis is not None:
+            shrink = torch.einsum("bke,kde->bkd", shrink, self.basis)
+        return logp, sc, self.means[None] + shrink
 
     def _flat(self, x: Tensor) -> Tensor:
         if x.ndim < 2 or math.prod(x.shape[1:]) != self.dim:
@@ -101,6 +113,23 @@ class GaussianMixture:
         resp = torch.exp(joint - logp[:, None])
         score = (resp[..., None] * sc_k).sum(1)
         return logp, score.reshape(x.shape)
+
+    def _posterior(self, x: Tensor, m: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        """``(score, E[x_0 | x_t])`` flattened ``(B, d)`` in the oracle's dtype, both finite where ``m = 0``.
+
+        ``E[x_0 | x_t]`` is Tweedie's ``(x + s² score)/m`` where the signal dominates (``m >= s``: the most exact
+        there, and consistent with the score to rounding) and the mixture of the components' posterior means
+        elsewhere (no division by a small ``m``).
+        """
+        y = self._flat(x)
+        m, s = m.to(y.dtype), s.to(y.dtype)
+        logp_k, sc_k, mean_k = self._components(y, m, s, posterior=True)
+        joint = logp_k + torch.log(self.weights)[None]
+        resp = torch.exp(joint - torch.logsumexp(joint, dim=1)[:, None])[..., None]
+        score, post = (resp * sc_k).sum(1), (resp * mean_k).sum(1)
+        signal = (m >= s)[:, None]
+        tweedie = (y + (s**2)[:, None] * score) / torch.where(signal, m[:, None], torch.ones_like(m)[:, None])
+        return score, torch.where(signal, tweedie, post)
 
     def log_prob(self, x: Tensor) -> Tensor:
         """``log p(x)`` per sample, ``(batch,)``, in the oracle's dtype."""
@@ -132,7 +161,7 @@ class GaussianMixture:
         noise = make_noise(generator, seed, torch.arange(n, device=device) if seed is not None else None)
         u = noise.uniform((n, 1), device=device, dtype=torch.float64)
         cdf = torch.cumsum(self.weights.to(device, torch.float64), 0)
-        comp = torch.searchsorted(cdf, u.reshape(n, 1), right=True).reshape(n).clamp_max(len(cdf) - 1)
+        comp = torch.searchsorted(cdf, u.reshape(n, 1).contiguous(), right=True).reshape(n).clamp_max(len(cdf) - 1)
         z = noise.normal((n, self.dim), device=device, dtype=self.means.dtype)
         lam, mu = self.eigvals.to(device), self.means.to(device)
         eps = torch.sqrt(lam[comp]) * z
@@ -172,7 +201,7 @@ class PerturbedMixture:
     """Exact model of ``p_t`` for a :class:`GaussianMixture` under an affine SDE.
 
     Every method takes ``t`` as a float, a 0-d tensor or a ``(batch,)`` tensor. ``score``,
-    ``epsilon``, ``denoiser`` and ``velocity`` are network-shaped ``f(x, t)`` callables returning
+    ``epsilon``, ``denoiser``, ``velocity`` and ``flow_velocity`` are network-shaped ``f(x, t)`` callables returning
     tensors in ``x``'s dtype, so they can be fed to any adapter or solver.
     """
 
@@ -204,19 +233,33 @@ class PerturbedMixture:
         return (-bcast(s, sc) * sc).to(x.dtype)
 
     def denoiser(self, x: Tensor, t) -> Tensor:
-        """Exact ``E[x_0 | x_t] = (x + s² score) / m``."""
+        """Exact ``E[x_0 | x_t] = (x + s² score) / m`` (Tweedie), finite also where ``m = 0`` (where the noise
+        dominates it is computed as the mixture of the components' posterior means)."""
         m, s = self._ms(x, t)
-        sc = self.mixture._log_prob_score(x, m, s)[1]
-        return ((x.to(sc.dtype) + bcast(s**2, sc) * sc) / bcast(m, sc)).to(x.dtype)
+        return self.mixture._posterior(x, m, s)[1].reshape(x.shape).to(x.dtype)
+
+    def flow_velocity(self, x: Tensor, t) -> Tensor:
+        """Exact flow-matching velocity ``E[ṁ x_0 + ṡ ε | x_t] = ṁ x̂0 + ṡ ε̂`` (the probability-flow drift).
+
+        For an interpolant SDE (:mod:`sdegen.interpolant`) ``ṁ = α̇``, ``ṡ = σ̇`` — for rectified flow
+        ``E[ε − x_0 | x_t]``: what :func:`sdegen.from_flow` networks predict. Finite on all of ``[0, T]``, also
+        where ``m = 0`` (``x̂0`` is computed without dividing by ``m``, ``ε̂ = −s · score``). For other affine
+        SDEs the rates come from :func:`sdegen.interpolant.kernel_rates`. Not :meth:`velocity` (Salimans & Ho).
+        """
+        from ..interpolant import kernel_rates
+
+        tb = as_batch_time(t, x).to(torch.float64)
+        m, s, dm, ds = kernel_rates(self.sde, tb)
+        sc, x0 = self.mixture._posterior(x, m, s)
+        v = dm[:, None] * x0 - (ds * s)[:, None] * sc
+        return v.reshape(x.shape).to(x.dtype)
 
     def velocity(self, x: Tensor, t) -> Tensor:
-        """Exact ``v = m ε − s x̂0``."""
+        """Exact ``v = m ε − s x̂0`` (Salimans & Ho 2022; diffusers' ``v_prediction``) — see :meth:`flow_velocity`
+        for the flow-matching velocity."""
         m, s = self._ms(x, t)
-        sc = self.mixture._log_prob_score(x, m, s)[1]
-        mb, sb = bcast(m, sc), bcast(s, sc)
-        eps = -sb * sc
-        x0 = (x.to(sc.dtype) + sb**2 * sc) / mb
-        return (mb * eps - sb * x0).to(x.dtype)
+        sc, x0 = self.mixture._posterior(x, m, s)
+        return (-(m * s)[:, None] * sc - s[:, None] * x0).reshape(x.shape).to(x.dtype)
 
     def sample(
         self, n: int, t, *, generator=None, seed: int | None = None, device=None, dtype=None

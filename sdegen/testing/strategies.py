@@ -132,13 +132,16 @@ def gaussian_mixtures(
 def time_grids(draw, sde: LinearSDE, min_steps: int = 1, max_steps: int = 50, kinds: Sequence[str] | None = None):
     """A strictly decreasing float64 grid from ``sde.T`` to ``sde.t_min`` (what ``times=`` accepts).
 
-    Either one of :data:`sdegen.grids.GRIDS` (``"uniform"``, ``"quadratic"``, ``"edm"``, ``"log_snr"``)
-    with a random number of steps, or (``"random"``) random interior points, drawn uniformly in
-    ``log t`` so both ends get points. ``kinds`` restricts the choice (default: all five).
+    Either one of :data:`sdegen.grids.GRIDS` (``"uniform"``, ``"quadratic"``, ``"edm"``, ``"log_snr"``,
+    ``"shift"`` with a random shift in ``[0.25, 4]``) with a random number of steps, or (``"random"``) random
+    interior points, drawn uniformly in ``log t`` so both ends get points. ``kinds`` restricts the choice
+    (default: all of them).
     """
     kinds = tuple(kinds) if kinds is not None else (*GRIDS, "random")
     kind = draw(st.sampled_from(kinds))
     steps = draw(st.integers(min_steps, max_steps))
+    if kind == "shift":  # the SD3 / Flux time shift needs its shift
+        return make_grid(kind, sde, steps, shift=draw(st.floats(0.25, 4.0)))
     if kind != "random":
         return make_grid(kind, sde, steps)
     lo, hi = math.log(sde.t_min), math.log(sde.T)
