@@ -30,7 +30,7 @@ Times ``t`` reach ``drift``/``diffusion`` as 0-d tensors (fixed-step solvers) or
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -111,6 +111,14 @@ class Equation(Protocol):
 
     def select_samples(self, index: Tensor | None, batch: int) -> None:
         """Restrict per-sample data (conditioning, probes) to the samples at ``index`` of a ``batch`` (None: all)."""
+        ...
+
+    def check_start(self, solver: Any, t_start: Tensor) -> None:
+        """Raise ``ValueError`` before any work if ``solver`` cannot start at ``t_start`` (a 0-d CPU tensor).
+
+        E.g. where the signal is gone (``t = 1`` of a flow-matching path) for a solver whose first step
+        divides by ``m(t)``; see :meth:`sdegen.ReverseSDE.check_start`.
+        """
         ...
 
 
@@ -208,4 +216,7 @@ class EquationBase:
         return None
 
     def select_samples(self, index: Tensor | None, batch: int) -> None:
+        return None
+
+    def check_start(self, solver: Any, t_start: Tensor) -> None:
         return None

@@ -158,9 +158,7 @@ def integrate(
         raise TypeError("callback must be callable as callback(step, t, x)")
     solver.check(eq)
     times_cpu = _check_grid(times)
-    check_start = getattr(eq, "check_start", None)  # optional: e.g. t = 1 of a flow-matching path (ReverseSDE)
-    if check_start is not None:
-        check_start(solver, times_cpu[0])
+    eq.check_start(solver, times_cpu[0])  # e.g. t = 1 of a flow-matching path, before any work
     tdev = times_cpu.to(device=x.device, dtype=time_dtype(x.dtype))
     nfe0 = eq.nfe
     if x.shape[0] == 0:  # an empty batch: nothing to integrate
