@@ -54,6 +54,7 @@ class _SDEMultistep(_DPMSolverPPMultistep):
     weak_order: ClassVar[float | None] = 1.0
     needs_additive_noise: ClassVar[bool] = False
     default_noise_scale = 1.0  # type: ignore[assignment]
+    default_steps: ClassVar[int] = 50
 
 
 class DPMSolverPP2MSDE(_SDEMultistep):
