@@ -357,3 +357,79 @@ def test_new_solver_options_are_validated():
     for solver in ("dpmpp_2m_sde", "dpmpp_3m_sde"):  # SDE samplers: noise_scale 1 by default, 0 allowed
         assert get_solver(solver).default_noise_scale == 1.0
         reverse_sample(sde, score, (2, 3), solver=solver, steps=4, noise_scale=0.0)
+
+
+# -- x̂0 thresholding ----------------------------------------------------------------------------------------
+def test_thresholding_is_consistent_for_every_solver_family():
+    from sdegen.models import ScoreModel, Thresholding, thresholded
+
+    sde = VPSDE()
+    pm = GaussianMixture([0.5, 0.5], [[-3.0, 0.5], [2.5, -0.5]], [[0.2, 0.3], [0.3, 0.1]]).perturbed(sde)
+    x = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2
+    t = torch.full((6,), 0.3, dtype=torch.float64)
+    clip = Thresholding("clip", clip_range=1.5)
+    model = ScoreModel(pm.denoiser, sde, "denoiser", thresholding=clip)
+    score, x0 = model.predict(x, t)
+    torch.testing.assert_close(x0, pm.denoiser(x, t).clamp(-1.5, 1.5), rtol=0, atol=0)
+    m, s = sde.marginal(t[:1])
+    torch.testing.assert_close(score, (m * x0 - x) / s**2, rtol=1e-14, atol=1e-14)  # Tweedie-consistent score
+    torch.testing.assert_close(model(x, t), score, rtol=0, atol=0)
+    # the wrapper for any score model gives the same model
+    wrapped = thresholded(pm.score, sde, clip)
+    torch.testing.assert_close(wrapped.predict(x, t)[1], x0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(wrapped(x, t), score, rtol=1e-10, atol=1e-10)
+    # so a data-prediction solver and a score-based solver see one thresholded model: ddim's first step equals the
+    # exponential step built from the processed x̂0
+    x_T = sde.prior_sample((6, 2), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    times = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    a = reverse_sample(sde, model, x_T=x_T, times=times, solver="ddim", noise_scale=0.0)
+    b = reverse_sample(sde, wrapped, x_T=x_T, times=times, solver="ddim", noise_scale=0.0)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_dynamic_thresholding_is_per_sample_and_validated():
+    from sdegen.models import ScoreModel, Thresholding, thresholded
+
+    dyn = Thresholding("dynamic", ratio=0.9, max_value=2.0)
+    x0 = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(0)) * 3
+    out = dyn(x0)
+    torch.testing.assert_close(dyn(x0[2:5]), out[2:5], rtol=0, atol=0)  # no batch coupling
+    q = torch.quantile(x0.reshape(8, -1).abs(), 0.9, dim=1).clamp(1.0, 2.0)
+    torch.testing.assert_close(out.reshape(8, -1).abs().amax(1), torch.minimum(q, x0.reshape(8, -1).abs().amax(1)) / q)
+    assert dyn(x0.to(torch.bfloat16)).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="mode"):
+        Thresholding("static")
+    with pytest.raises(ValueError, match="ratio"):
+        Thresholding("dynamic", ratio=1.5)
+    with pytest.raises(ValueError, match="max_value"):
+        Thresholding("dynamic", max_value=0.5)
+    with pytest.raises(ValueError, match="clip_range"):
+        Thresholding("clip", clip_range=0.0)
+    with pytest.raises(TypeError, match="Thresholding"):
+        ScoreModel(lambda x, t: x, VPSDE(), "denoiser", thresholding="clip")
+    with pytest.raises(ValueError, match="needs the sde"):
+        ScoreModel(lambda x, t: x, None, "score", thresholding=dyn)
+    with pytest.raises(TypeError, match="affine"):
+        thresholded(lambda x, t: x, object(), dyn)
+
+
+def test_thresholding_the_guided_prediction_keeps_per_sample_weights():
+    from sdegen.models import Thresholding, thresholded
+    from sdegen.guidance import classifier_free
+
+    sde = VPSDE()
+    pm = GM.perturbed(sde)
+
+    def net(x, t, class_labels):
+        return pm.score(x, t) * (1 + 0.1 * class_labels.to(x.dtype)[:, None])
+
+    w = torch.tensor([0.0, 1.0, 3.0, 7.5])
+    guided = thresholded(classifier_free(net, w, uncond=0), sde, Thresholding("clip"))
+    kw = dict(steps=6, seed=3, dtype=torch.float64, final_step="tweedie",
+              model_kwargs={"class_labels": torch.tensor([1, 2, 3, 4])})
+    full = reverse_sample(sde, guided, (4, 3), solver="unipc", **kw)
+    assert full.abs().max() <= 1.0  # the output is the guided x̂0, clipped
+    kw["model_kwargs"] = {"class_labels": torch.tensor([3, 4])}
+    part = reverse_sample(sde, guided.for_samples(torch.tensor([2, 3]), 4), (2, 3), solver="unipc",
+                          sample_ids=torch.tensor([2, 3]), **kw)
+    torch.testing.assert_close(part, full[2:], rtol=0, atol=1e-13)

@@ -20,23 +20,27 @@ and ``x_high − x_low`` is the error estimate (order ``q = 2``). ``order=2`` (D
 those of the stage times actually used, so the formulas are exact for whatever the inner time
 inversion returns. After each attempt ``x̂0`` is evaluated at ``x_high`` (first stage of the next step,
 FSAL), so an attempt costs ``order`` network evaluations, as in k-diffusion, plus one at the start.
+Dense output (``save_at`` times inside a step) integrates the linear interpolant of ``x̂0`` between the
+step's ends exactly (second order).
 
 **Step-size control in log-SNR.** The controller is the per-sample PI rule of
-:class:`sdegen.controllers.PIController`, applied to the step in ``ℓ`` (``step_control="log_snr"``,
-default), where the local error of an exponential integrator is smooth: the proposed factor scales the
-``ℓ``-length of the step and the next time is found by inverting ``ℓ(t)`` (a few bracketed secant
-iterations on ``eq.marginal``, on the device). With the loop's own time (``step_control="time"``) the
-same rule sees errors that grow like ``(h_t/t)^{q+1}`` towards ``t_min`` (``ℓ ≈ −½ log t`` for VP,
-``−log σ`` for EDM), and rejects about every other step there (measured in ``docs/performance.md``).
-The first step is ``first_step`` in ``ℓ`` (default 0.05, k-diffusion's ``h_init``); it costs no
-evaluation.
+:class:`sdegen.controllers.PIController` (``β = 0.1``, growth at most 3× per step), applied to the step
+in ``ℓ`` (``step_control="log_snr"``, default), where the local error of an exponential integrator is
+smooth: the proposed factor scales the ``ℓ``-length of the step and the next time is found by inverting
+``ℓ(t)`` (bracketed secant iterations on ``eq.marginal``, on the device). With the loop's own time
+(``step_control="time"``) the same rule sees errors that grow like ``(h_t/t)^{q+1}`` towards ``t_min``
+(``ℓ ≈ −½ log t`` for VP, ``−log σ`` for EDM) and rejects more steps (``docs/performance.md``). The first
+step is ``first_step`` in ``ℓ`` (no evaluation): at the noise end ``x̂0`` is nearly the data mean and a
+step of 1 is safe where k-diffusion's 0.05 spends four or five steps ramping up.
 
 Args:
     order: 3 (default, DPM-Solver-23) or 2 (DPM-Solver-12).
     rtol, atol: tolerances on the state ``x`` (``atol + rtol · max(|x|, |x_new|)``, RMS per sample);
-        defaults 0.05 and 0.0078 (k-diffusion's, which measure ``x/m``; see ``docs/performance.md``).
-    first_step: first ``|Δℓ|`` (default 0.05).
-    safety: step-size safety factor (default 0.9).
+        default 0.01 and 0.01. At these defaults the path error is that of k-diffusion's
+        ``sample_dpm_adaptive`` at rtol 1e-2 / atol 1e-3 (which measures ``x/m``) with 0.6–0.7× its
+        evaluations per sample (``docs/performance.md``).
+    first_step: first ``|Δℓ|`` (default 1.0).
+    safety: step-size safety factor (default 0.8).
     shared_steps: one step size for the whole batch (as k-diffusion) instead of one per sample.
     step_control: ``"log_snr"`` (default) or ``"time"`` (see above).
     max_steps: bound on attempted steps per sample (default 10 000); return_partial: see
@@ -118,6 +122,11 @@ class LogSNRController(PIController):
     The loop still steps in its own time: every proposal ``h_ℓ · factor`` is converted into the time step
     that has that ``ℓ``-length from where the sample stands (:func:`time_of_log_snr`). ``bind`` gives it
     the equation and the integration interval (:meth:`DPMAdaptive.init_state` does).
+
+    Args: those of :class:`~sdegen.controllers.PIController`, and
+        first_step_log_snr: the first step's ``|Δℓ|`` (default 0.05) when ``first_step`` (time units) is None;
+        accept_max: accept steps whose scaled error is at most this (default 1; k-diffusion accepts up to
+            ``0.81^{−3} ≈ 1.9``).
     """
 
     def __init__(self, *args: Any, first_step_log_snr: float = 0.05, accept_max: float = 1.0, **kwargs: Any):

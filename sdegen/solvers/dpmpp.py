@@ -2,7 +2,9 @@
 
 Lu et al. (2022b), *DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic
 Models*, Alg. 1 (2M) and App. B (3M, the third-order multistep of DPM-Solver, Lu et al. 2022a,
-§3.3, in data-prediction form; k-diffusion's ``sample_dpmpp_3m_sde`` with ``eta=0`` is the same map).
+§3.3, in data-prediction form). k-diffusion's ``sample_dpmpp_2m`` is 2M; its ``sample_dpmpp_3m_sde`` with
+``eta=0`` is 3M with ``variant="heun", d2_weight="halved", lower_order_final=False`` (reproduced to
+rounding in ``tests/test_samplers.py``). The stochastic forms are :mod:`sdegen.solvers.dpmpp_sde`.
 
 For an affine SDE with kernel ``x_t = m(t) x_0 + s(t) z`` write ``ℓ = log(m/s)`` (half the log-SNR,
 increasing towards the data). The probability-flow ODE in data-prediction form is
@@ -17,7 +19,8 @@ differences of the previous ``x̂0`` (multistep), gives with ``φ1 = −expm1(�
 polynomial terms) and ``D_j = x̂0`` at step ``i − j``, ``r_j = h_{i−j}/h``::
 
     order 1 (DDIM):  x_{i+1} = (s_{i+1}/s_i) x_i + m_{i+1} φ1 D_0
-    order 2 (2M):    ... + m_{i+1} φ1 [(1 + 1/(2 r_1)) D_0 − 1/(2 r_1) D_1]            (Alg. 1)
+    order 2 (2M):    ... + m_{i+1} φ1 [(1 + 1/(2 r_1)) D_0 − 1/(2 r_1) D_1]            (Alg. 1, "midpoint")
+                     ... + m_{i+1} [φ1 D_0 + φ2 (D_0 − D_1)/r_1]                         ("heun": exact weight)
     order 3 (3M):    ... + m_{i+1} [φ1 D_0 + φ2 D1 − 2 φ3 D2],
                      D1_0 = (D_0 − D_1)/r_1, D1_1 = (D_1 − D_2)/r_2,
                      D1 = D1_0 + r_1/(r_1 + r_2) (D1_0 − D1_1),  D2 = (D1_0 − D1_1)/(r_1 + r_2).
@@ -41,8 +44,12 @@ The coefficients of every step are computed once per grid in :meth:`init_state`,
 data prediction, or Tweedie's formula from its score) and ``p + 1`` fused tensor operations. A step from
 ``m = 0`` (``h = ∞``: e.g. ``t = 1`` on a flow-matching path) is the first-order step ``s_{i+1} x_i +
 m_{i+1} x̂0``, finite.
-ODE only (``noise_scale=0``). Best grids: ``grid="log_snr"`` (uniform ``h``) or ``"edm"``; see
-``docs/performance.md`` for the measured comparison.
+ODE only (``noise_scale=0``). Default grid ``"log_snr_cos"`` (log-SNR with endpoint corrections), the best
+measured for both (``docs/performance.md``); ``"log_snr"`` (uniform ``h``) is next.
+
+Options: ``lower_order_final`` (default True), ``variant`` (``"midpoint"`` default, ``"heun"``: the weight of
+the first divided difference), ``d2_weight`` (3M: ``"exact"`` default, ``"halved"`` the reference
+implementations' weight).
 """
 
 from __future__ import annotations
