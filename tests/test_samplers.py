@@ -414,8 +414,8 @@ def test_dynamic_thresholding_is_per_sample_and_validated():
 
 
 def test_thresholding_the_guided_prediction_keeps_per_sample_weights():
-    from sdegen.models import Thresholding, thresholded
     from sdegen.guidance import classifier_free
+    from sdegen.models import Thresholding, thresholded
 
     sde = VPSDE()
     pm = GM.perturbed(sde)
