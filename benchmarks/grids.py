@@ -37,6 +37,7 @@ ODE_SOLVERS = {  # label -> (solver, options)
     "unipc (order 2)": ("unipc", {"order": 2}),
     "lms": ("lms", {}),
     "lms (log_snr)": ("lms", {"variable": "log_snr"}),
+    "lms (t: DEIS tAB)": ("lms", {"variable": "t"}),
     "ipndm": ("ipndm", {}),
 }
 SDE_SOLVERS = {

@@ -71,8 +71,6 @@ _LOWER_ORDER_FINAL_BELOW = 15  # diffusers: lower_order_final applies to grids o
 VARIANTS = ("midpoint", "heun")
 D2_WEIGHTS = ("exact", "halved")
 
-_phis = phis  # the φ functions live in _expint (shared with the other exponential integrators)
-
 
 @dataclass
 class _MultistepState:

@@ -7,7 +7,8 @@ has two linear forms in which the network output is the only nonlinear term (``d
   k-diffusion's ``sample_lms`` and DEIS's ``ρAB`` (Zhang & Chen 2023, *Fast Sampling of Diffusion Models
   with Exponential Integrator*, ICLR, eq. 15);
 * in ``ℓ`` with the data prediction ``x̂0``: ``d(x/s)/dℓ = e^{ℓ} x̂0`` — the form of DPM-Solver++
-  (Lu et al. 2022b; :mod:`sdegen.solvers.dpmpp`).
+  (Lu et al. 2022b; :mod:`sdegen.solvers.dpmpp`);
+* in ``t`` with ``ε̂``: ``d(x/m)/dt = σ'(t) ε̂`` — DEIS's ``tAB`` (Zhang & Chen 2023, eq. 14).
 
 A ``k``-step Adams–Bashforth method replaces the network output over a step ``[u_i, u_{i+1}]`` by its
 Lagrange interpolant through the last ``k`` evaluations ``u_i, u_{i−1}, …, u_{i−k+1}`` and integrates
@@ -15,12 +16,15 @@ exactly::
 
     variable="sigma":    x_{i+1} = (m_{i+1}/m_i) x_i + m_{i+1} Σ_j [∫_{σ_i}^{σ_{i+1}} L_j(σ) dσ] ε̂_{i−j}
     variable="log_snr":  x_{i+1} = (s_{i+1}/s_i) x_i + m_{i+1} Σ_j [∫_{−h}^{0} e^{u} L_j(ℓ_{i+1} + u) du] x̂0_{i−j}
+    variable="t":        x_{i+1} = (m_{i+1}/m_i) x_i + m_{i+1} Σ_j [∫_{t_i}^{t_{i+1}} L_j(τ) σ'(τ) dτ] ε̂_{i−j}
 
 (``h = ℓ_{i+1} − ℓ_i``). ``"sigma"`` is k-diffusion's ``sample_lms`` (reproduced to float64 rounding in
 ``tests/test_samplers.py``); ``"log_snr"`` with ``order`` 2 and 3 is DPM-Solver++(2M) ``variant="heun"``
-and (3M), and with ``order=4`` its fourth-order extension. The weights are computed once per grid on
+and (3M), and with ``order=4`` its fourth-order extension; ``"t"`` is DEIS's tAB, its weights integrated by parts
+(``[L_j σ] − ∫ L_j' σ dτ``) so that only ``σ(t)`` is needed. The weights are computed once per grid on
 the device by Gauss–Legendre quadrature (exact for the polynomials of ``"sigma"``; 16 nodes, exact to
-rounding for the exponential weight of steps of ``h`` up to ~10).
+rounding for the exponential weight of steps of ``h`` up to ~10 and for smooth ``σ(t)``). Measured
+(``docs/performance.md``): ``"sigma"`` is the best of the three at 10–50 NFE.
 
 ``ipndm`` (Zhang & Chen 2023, §4, "improved PNDM"; Zhou et al. 2024 found it the strongest fixed-step
 ODE sampler at 5-10 NFE) uses the *fixed-step* Adams–Bashforth weights ``[1]``, ``[3, −1]/2``,
@@ -50,7 +54,7 @@ from .base import Solver
 
 __all__ = ["LMS", "IPNDM", "LMS_VARIABLES", "lms_weights"]
 
-LMS_VARIABLES = ("sigma", "log_snr")
+LMS_VARIABLES = ("sigma", "log_snr", "t")
 _LOWER_ORDER_FINAL_BELOW = 15
 _GL_NODES = 16
 _LEGGAUSS = tuple(v.tolist() for v in np.polynomial.legendre.leggauss(_GL_NODES))
@@ -112,6 +116,41 @@ def _lagrange_integrals(u: Tensor, order: int, weight: str) -> Tensor:
     return out
 
 
+def _lagrange_integrals_t(eq: Any, t: Tensor, sigma: Tensor, order: int) -> Tensor:
+    """DEIS tAB: ``∫_{t_i}^{t_{i+1}} L_j(τ) σ'(τ) dτ`` for the interpolants in ``t``, by parts —
+    ``[L_j σ]_{t_i}^{t_{i+1}} − ∫ L_j'(τ) σ(τ) dτ`` — so only ``σ(t)`` is needed (16-node Gauss–Legendre)."""
+    n = t.shape[0] - 1
+    xi, wq = (torch.as_tensor(v, dtype=t.dtype, device=t.device) for v in _LEGGAUSS)
+    a, b = t[:-1], t[1:]
+    half = 0.5 * (b - a)
+    g = (0.5 * (a + b))[:, None] + half[:, None] * xi[None, :]  # (N, Q)
+    m_g, s_g = eq.marginal(g.reshape(-1))
+    sig_g = (s_g / m_g).to(t.dtype).reshape(g.shape)
+    quad = half[:, None] * wq[None, :]
+    idx = torch.arange(n, device=t.device)
+    out = torch.zeros(order, order, n, dtype=t.dtype, device=t.device)
+    for k in range(1, order + 1):
+        nodes = [t[(idx - j).clamp_min(0)] for j in range(k)]
+        for j in range(k):
+            dens = {}
+            for m in range(k):
+                if m != j:
+                    den = nodes[j] - nodes[m]
+                    dens[m] = torch.where(den == 0, torch.ones_like(den), den)
+            at_end = torch.ones_like(b)
+            deriv = torch.zeros_like(g)
+            for m in dens:
+                at_end = at_end * (b - nodes[m]) / dens[m]
+                term = torch.ones_like(g) / dens[m][:, None]
+                for l_ in dens:
+                    if l_ != m:
+                        term = term * (g - nodes[l_][:, None]) / dens[l_][:, None]
+                deriv = deriv + term
+            start = sigma[:-1] if j == 0 else torch.zeros_like(b)
+            out[k - 1, j] = at_end * sigma[1:] - start - (deriv * sig_g * quad).sum(dim=1)
+    return out
+
+
 def lms_weights(
     eq: Any, times: Tensor, order: int, variable: str, orders: list[int], fixed: bool = False
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -121,7 +160,7 @@ def lms_weights(
     n = times.shape[0] - 1
     ords = torch.tensor(orders, device=times.device)
     w = torch.zeros(order, n, dtype=m.dtype, device=m.device)
-    if variable == "sigma":
+    if variable in ("sigma", "t"):
         sigma = s / m
         a = m[1:] / m[:-1]
         if fixed:
@@ -129,6 +168,8 @@ def lms_weights(
             for k in range(1, order + 1):
                 for j, beta in enumerate(_AB[k]):
                     ints[k - 1, j] = beta * (sigma[1:] - sigma[:-1])
+        elif variable == "t":
+            ints = _lagrange_integrals_t(eq, times.to(m.dtype), sigma, order)
         else:
             ints = _lagrange_integrals(sigma, order, "one")
         scale = m[1:]
@@ -154,7 +195,7 @@ class LMS(Solver):
 
     Args:
         order: 1–4 (default 4).
-        variable: ``"sigma"`` (default; k-diffusion's ``sample_lms``) or ``"log_snr"``.
+        variable: ``"sigma"`` (default; k-diffusion's ``sample_lms``), ``"log_snr"`` or ``"t"`` (DEIS tAB).
         lower_order_final: see the module docstring (default False).
     """
 
@@ -192,7 +233,7 @@ class LMS(Solver):
         orders = _orders(self.p, n, self.lower_order_final)
         a, w, ex, em = lms_weights(eq, times, self.p, self.variable, orders, self._fixed)
         dt = x.dtype
-        sig = self.variable == "sigma"
+        sig = self.variable in ("sigma", "t")
         return _LMSState(
             a=per_step(a, dt), w=[per_step(wj, dt) for wj in w],
             ex=per_step(ex[:-1], dt) if sig else None, em=per_step(em[:-1], dt) if sig else None,
