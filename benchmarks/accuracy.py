@@ -212,7 +212,8 @@ def _diffusers(cls_name: str, heun_like: bool = False, **kw) -> Run:
     return run
 
 
-# sdegen methods run at the solver's default grid and options: "the best sdegen solver at its default grid"
+# sdegen methods run at the solver's default grid (labels "(default)"; options may be set, the grid is the
+# solver's own): "the best sdegen solver at its default grid"
 DEFAULT = "(default)"
 
 
@@ -224,6 +225,8 @@ def methods() -> dict[str, tuple[str, Run]]:
                       ("euler_maruyama", 1), ("heun", 2), ("edm", 2)):
         m[f"sdegen {name} {DEFAULT}"] = ("sdegen", _sdegen(name, None, per))
     m |= {
+        f"sdegen unipc predictor=ipndm order=2 {DEFAULT}": ("sdegen", _sdegen("unipc", None, predictor="ipndm",
+                                                                               order=2)),
         f"sdegen ipndm {DEFAULT} +tweedie": ("sdegen", _sdegen("ipndm", None, final="tweedie")),
         f"sdegen unipc {DEFAULT} +tweedie": ("sdegen", _sdegen("unipc", None, final="tweedie")),
         "sdegen unipc (order 2)": ("sdegen", _sdegen("unipc", None, order=2)),

@@ -39,6 +39,7 @@ ODE_SOLVERS = {  # label -> (solver, options)
     "lms (log_snr)": ("lms", {"variable": "log_snr"}),
     "lms (t: DEIS tAB)": ("lms", {"variable": "t"}),
     "ipndm": ("ipndm", {}),
+    "unipc (predictor=ipndm, order 2)": ("unipc", {"predictor": "ipndm", "order": 2}),
 }
 SDE_SOLVERS = {
     "euler_maruyama": ("euler_maruyama", {}),

@@ -27,6 +27,7 @@ from .losses import dsm_loss
 from .models import (
     PerSampleModel,
     ScoreModel,
+    Thresholding,
     edm_precondition,
     from_denoiser,
     from_diffusers,
@@ -34,6 +35,7 @@ from .models import (
     from_k_diffusion,
     from_score,
     from_velocity,
+    thresholded,
 )
 from .noise import GeneratorNoise, PerSampleNoise
 from .reverse import ReverseSDE
@@ -71,6 +73,8 @@ __all__ = [
     "PIController",
     "make_grid",
     "ScoreModel",
+    "Thresholding",
+    "thresholded",
     "PerSampleModel",
     "from_score",
     "from_epsilon",

@@ -292,7 +292,8 @@ def test_unic_after_another_predictor_costs_nothing_and_helps():
 
 def test_recommended_samplers_beat_dpmpp_2m_on_log_snr():
     """docs/solvers.md's recommendations at their default grids against the previous one, DPM-Solver++(2M) on
-    grid="log_snr": ipndm at 10 NFE (measured 3.8x lower error), unipc at 20 NFE (2.5x)."""
+    grid="log_snr": ipndm at 10 NFE (measured 3.8x lower error), iPNDM + UniC at 20 NFE (14x; it also beats
+    ipndm and unipc alone there: 4.4x and 1.5x)."""
     sde, pm = EDMSDE(), GM.perturbed(EDMSDE())
     x = sde.prior_sample((256, 3), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     ref = reverse_sample(sde, pm.score, x_T=x, solver="rk45", rtol=1e-10, atol=1e-10)
@@ -302,7 +303,9 @@ def test_recommended_samplers_beat_dpmpp_2m_on_log_snr():
         return float((x0 - ref).norm(dim=1).median())
 
     assert err("ipndm", 10) < 0.5 * err("dpmpp_2m", 10, grid="log_snr")
-    assert err("unipc", 20) < 0.7 * err("dpmpp_2m", 20, grid="log_snr")
+    combo = err("unipc", 20, predictor="ipndm", order=2)
+    assert combo < 0.2 * err("dpmpp_2m", 20, grid="log_snr")
+    assert combo < min(err("ipndm", 20), err("unipc", 20))
 
 
 # -- dpm_adaptive ----------------------------------------------------------------------------------------
