@@ -58,7 +58,6 @@ LMS_VARIABLES = ("sigma", "log_snr", "t")
 _LOWER_ORDER_FINAL_BELOW = 15
 _GL_NODES = 16
 _LEGGAUSS = tuple(v.tolist() for v in np.polynomial.legendre.leggauss(_GL_NODES))
-_LEGGAUSS4 = tuple(v.tolist() for v in np.polynomial.legendre.leggauss(4))
 _AB = {
     1: [1.0],
     2: [3 / 2, -1 / 2],
@@ -87,32 +86,35 @@ def _orders(p: int, n: int, lower_order_final: bool) -> list[int]:
 def _lagrange_integrals(u: Tensor, order: int, weight: str) -> Tensor:
     """``(order, order, N)``: ``I[k−1, j, i] = ∫_{u_i}^{u_{i+1}} ω L^{(k)}_j`` for the order-``k`` interpolant
     through ``u_i, u_{i−1}, …, u_{i−k+1}`` (clamped at the start; unused there), ``ω = 1`` (``"one"``) or
-    ``e^{u − u_{i+1}}`` (``"exp"``)."""
+    ``e^{u − u_{i+1}}`` (``"exp"``).
+
+    The interpolatory weights are exact for polynomials of degree ``< k``: with ``r_j = (u_{i−j} − u_i)/h``
+    they solve ``Σ_j I_j r_j^q = M_q = ∫ ω ((u − u_i)/h)^q du``, ``q < k`` — one small batched solve per
+    order (moments exact for ``ω = 1``, 16-node Gauss–Legendre for the exponential weight).
+    """
     n = u.shape[0] - 1
-    xi, wq = _LEGGAUSS
-    nodes_needed = _GL_NODES if weight == "exp" else 4  # 4 nodes integrate the cubic interpolants exactly
-    if nodes_needed != _GL_NODES:
-        xi, wq = _LEGGAUSS4
-    xi = torch.as_tensor(xi, dtype=u.dtype, device=u.device)
-    wq = torch.as_tensor(wq, dtype=u.dtype, device=u.device)
     a, b = u[:-1], u[1:]
-    half = 0.5 * (b - a)
-    g = (0.5 * (a + b))[:, None] + half[:, None] * xi[None, :]  # (N, Q)
-    quad = half[:, None] * wq[None, :]
-    if weight == "exp":
-        quad = quad * torch.exp(g - b[:, None])
+    h = b - a
+    safe_h = torch.where(h == 0, torch.ones_like(h), h)
     idx = torch.arange(n, device=u.device)
+    prev = u[(idx[:, None] - torch.arange(order, device=u.device)[None, :]).clamp_min(0)]  # (N, order)
+    r = (prev - a[:, None]) / safe_h[:, None]
+    # the clamped start repeats a node: replace by −j (a regular system; those rows are never used)
+    missing = idx[:, None] < torch.arange(order, device=u.device)[None, :]
+    r = torch.where(missing, -torch.arange(order, device=u.device, dtype=u.dtype)[None, :].expand_as(r), r)
+    qs = torch.arange(order, device=u.device, dtype=u.dtype)
+    if weight == "one":
+        moments = h[:, None] / (qs[None, :] + 1.0)  # (N, order)
+    else:
+        xi, wq = (torch.as_tensor(v, dtype=u.dtype, device=u.device) for v in _LEGGAUSS)
+        v = 0.5 * (1.0 + xi)  # nodes in (0, 1): (u − u_i)/h
+        w = 0.5 * h[:, None] * wq[None, :] * torch.exp((v[None, :] - 1.0) * h[:, None])  # (N, Q)
+        moments = (w[:, :, None] * v[None, :, None] ** qs[None, None, :]).sum(dim=1)
     out = torch.zeros(order, order, n, dtype=u.dtype, device=u.device)
     for k in range(1, order + 1):
-        nodes = [u[(idx - j).clamp_min(0)] for j in range(k)]
-        for j in range(k):
-            basis = torch.ones_like(g)
-            for m in range(k):
-                if m != j:
-                    den = nodes[j] - nodes[m]
-                    den = torch.where(den == 0, torch.ones_like(den), den)  # clamped start: unused rows
-                    basis = basis * (g - nodes[m][:, None]) / den[:, None]
-            out[k - 1, j] = (basis * quad).sum(dim=1)
+        vander = r[:, None, :k] ** qs[None, :k, None]  # (N, q, j)
+        sol, _ = torch.linalg.solve_ex(vander, moments[:, :k])
+        out[k - 1, :k] = sol.T
     return out
 
 
