@@ -431,6 +431,15 @@ def _adaptive_target(methods: dict) -> dict:
                               for pt in ours["points"]]}
 
 
+PLOT_LABELS = (
+    f"sdegen ipndm {DEFAULT}", f"sdegen unipc predictor=ipndm order=2 {DEFAULT}", f"sdegen unipc {DEFAULT}",
+    f"sdegen dpmpp_3m {DEFAULT}", f"sdegen dpmpp_2m {DEFAULT}", f"sdegen lms {DEFAULT}", f"sdegen heun {DEFAULT}",
+    "sdegen dpm_adaptive", "sdegen rk45", "k-diffusion lms", "k-diffusion dpmpp_3m (eta=0)",
+    "k-diffusion dpmpp_3m (eta=0) (exponential σ)", "k-diffusion dpmpp_2m", "k-diffusion dpm_fast",
+    "k-diffusion heun", "k-diffusion dpm_adaptive", "diffusers UniPC", "torchdiffeq dopri5",
+)
+
+
 def plot(result: dict, folder) -> list[str]:
     import matplotlib
 
@@ -439,25 +448,28 @@ def plot(result: dict, folder) -> list[str]:
 
     files = []
     for name, res in result["problems"].items():
-        fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+        fig, axes = plt.subplots(1, 2, figsize=(13, 7))
         for ax, metric, title in ((axes[0], "path", "median path error to the exact flow of the same x_T"),
                                   (axes[1], "sw2", "sliced W2 to independent exact samples")):
             colors = plt.cm.tab20.colors + plt.cm.Dark2.colors
-            for k, (label, rec) in enumerate(res["methods"].items()):
-                pts = sorted(rec["points"], key=lambda q: q["nfe"])
+            for label, rec in res["methods"].items():
+                if label not in PLOT_LABELS:
+                    continue
+                pts = sorted(rec["points"], key=lambda q: q["work"])
                 if not pts:
                     continue
                 style = "-" if rec["owner"] == "sdegen" else "--"
                 marker = "s" if rec["adaptive"] else "o"
                 ax.plot([q["work"] for q in pts], [q[metric] for q in pts], style, marker=marker, ms=3, label=label,
-                        lw=2 if rec["owner"] == "sdegen" else 1, color=colors[k % len(colors)])
+                        lw=2 if rec["owner"] == "sdegen" else 1, color=colors[PLOT_LABELS.index(label) % len(colors)])
             if metric == "sw2":
                 ax.axhline(res["floor_sw2"], color="k", ls=":", lw=1, label="Monte-Carlo floor")
             ax.set(xscale="log", yscale="log", xlabel="network evaluations per sample", ylabel=title,
                    title=f"{name} ({result['n_samples']} samples)")
             ax.set_ylim(top=min(ax.get_ylim()[1], 10.0))
-        axes[0].legend(fontsize=6, ncol=2)
-        fig.tight_layout()
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.tight_layout(rect=(0, 0.2, 1, 1))
+        fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
         path = folder / f"accuracy_{name}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
