@@ -357,7 +357,7 @@ def test_new_solver_options_are_validated():
     with pytest.raises(TypeError, match="disable_corrector"):
         get_solver("unipc", disable_corrector=["a"])
     with pytest.raises(ValueError, match="variable"):
-        get_solver("lms", variable="t")
+        get_solver("lms", variable="tau")
     with pytest.raises(ValueError, match="variable='sigma'"):
         get_solver("ipndm", variable="log_snr")
     with pytest.raises(ValueError, match="order"):
