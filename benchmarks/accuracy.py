@@ -14,7 +14,16 @@ denoises to ``σ = 0`` (k-diffusion, diffusers, sdegen with ``final_step="tweedi
   the flow of the prior — of ``p_{t_min}`` up to the prior mismatch common to every ODE method — and
   share the sampler's randomness, so the Monte-Carlo noise cancels and the distance goes to 0 with
   the discretisation error (stochastic samplers keep their sampling noise).
+* ``path`` (primary since the samplers issue): the *median over samples of the distance* ``‖x − x_exact‖``
+  to that same exact image — the path error of each sample, with no Monte-Carlo noise at all for
+  deterministic samplers.
 * ``weight_error``: total variation between the mixture weights and the mean responsibilities.
+
+Every method is a **whole call** (grid, coefficients and setup included). sdegen solvers are run at their
+default grid (labels ``(default)``: what a newcomer gets) and on other grids (tuned); k-diffusion's
+samplers on their default Karras ρ = 7 schedule and, tuned, on the exponential (log-uniform σ) one;
+adaptive methods at several tolerances (their NFE is an output; ``work`` counts evaluations per sample,
+which differ from batched calls for sdegen's per-sample ``dpm_adaptive`` and ``rk45``).
 """
 
 from __future__ import annotations
@@ -26,7 +35,6 @@ from collections.abc import Callable
 import torch
 
 from sdegen import reverse_sample
-from sdegen.solvers import available_solvers
 
 from .common import Counted, Problem, k_diffusion, kd_denoiser, optional, problem, sliced_w2, weight_error
 
@@ -34,39 +42,56 @@ Run = Callable[[Problem, torch.Tensor, int, int], tuple[torch.Tensor, int, str] 
 
 
 # -- sdegen ----------------------------------------------------------------------------------------
-def _sdegen(solver: str, grid: str, per_step: int = 1, noise_scale: float = 0.0, final: str = "none", **opts) -> Run:
+def _sdegen(solver: str, grid: str | None = None, per_step: int = 1, noise_scale: float = 0.0, final: str = "none",
+            **opts) -> Run:
+    """A fixed-step sdegen solver at ``grid`` (None: the solver's default grid)."""
+
     def run(p, x_T, nfe, seed):
         extra = 1 if final == "tweedie" else 0
         steps = (nfe - extra) // per_step
         if steps < 1:
             return None
+        kw = {} if grid is None else {"grid": grid}
         sol = reverse_sample(
-            p.sde, p.pm.score, x_T=x_T, solver=solver, steps=steps, grid=grid, noise_scale=noise_scale,
-            final_step=final, generator=torch.Generator().manual_seed(seed), return_info=True, **opts,
+            p.sde, p.pm.score, x_T=x_T, solver=solver, steps=steps, noise_scale=noise_scale,
+            final_step=final, generator=torch.Generator().manual_seed(seed), return_info=True, **kw, **opts,
         )
         return sol.x, sol.nfe, "p0" if final == "tweedie" else "ptmin"
 
     return run
 
 
-def _sdegen_rk45(rtol: float) -> Run:
+def _sdegen_adaptive(solver: str, rtol: float, atol: float | None = None, **opts) -> Run:
     def run(p, x_T, nfe, seed):
-        sol = reverse_sample(p.sde, p.pm.score, x_T=x_T, solver="rk45", noise_scale=0.0, rtol=rtol, atol=rtol,
-                             return_info=True)
-        return sol.x, sol.nfe, "ptmin"
+        score = Counted(p.pm.score)
+        sol = reverse_sample(p.sde, score, x_T=x_T, solver=solver, noise_scale=0.0, rtol=rtol,
+                             atol=rtol if atol is None else atol, return_info=True, **opts)
+        return sol.x, sol.nfe, "ptmin", score.work / x_T.shape[0]
 
     return run
 
 
+def _sdegen_rk45(rtol: float) -> Run:
+    return _sdegen_adaptive("rk45", rtol)
+
+
 # -- k-diffusion -----------------------------------------------------------------------------------
-def _kd(name: str, heun_like: bool = False, **kw) -> Run:
+def _kd_sigmas(kd, p: Problem, steps: int, schedule: str, device) -> torch.Tensor:
+    smin, smax = p.sigma(p.sde.t_min), p.sigma(p.sde.T)
+    if schedule == "karras":
+        return kd.get_sigmas_karras(steps, smin, smax, device=device)
+    return kd.get_sigmas_exponential(steps, smin, smax, device=device)
+
+
+def _kd(name: str, heun_like: bool = False, schedule: str = "karras", **kw) -> Run:
+    """A k-diffusion sampler on its Karras ρ = 7 schedule (its default) or the exponential one, ending at σ = 0."""
+
     def run(p, x_T, nfe, seed):
         kd = k_diffusion()
         steps = (nfe + 1) // 2 if heun_like else nfe
         if steps < 1:
             return None
-        smin, smax = p.sigma(p.sde.t_min), p.sigma(p.sde.T)
-        sigmas = kd.get_sigmas_karras(steps, smin, smax, device=x_T.device).to(x_T.dtype)
+        sigmas = _kd_sigmas(kd, p, steps, schedule, x_T.device).to(x_T.dtype)
         y = x_T / p.m(p.sde.T)
         model = Counted(kd_denoiser(p))
         torch.manual_seed(seed)
@@ -76,12 +101,27 @@ def _kd(name: str, heun_like: bool = False, **kw) -> Run:
     return run
 
 
-def _kd_adaptive(rtol: float) -> Run:
+def _kd_fast() -> Run:
+    """DPM-Solver-fast (singlestep DPM-Solver-3/2/1 on a uniform log-SNR grid): its last step lands on σ_min."""
+
+    def run(p, x_T, nfe, seed):
+        kd = k_diffusion()
+        if nfe < 3:
+            return None
+        model = Counted(kd_denoiser(p))
+        out = kd.sample_dpm_fast(model, x_T / p.m(p.sde.T), p.sigma(p.sde.t_min), p.sigma(p.sde.T), nfe, disable=True)
+        return out * p.m(p.sde.t_min), model.calls, "ptmin"
+
+    return run
+
+
+def _kd_adaptive(rtol: float, atol: float | None = None) -> Run:
     def run(p, x_T, nfe, seed):
         kd = k_diffusion()
         smin, smax = p.sigma(p.sde.t_min), p.sigma(p.sde.T)
         model = Counted(kd_denoiser(p))
-        out = kd.sample_dpm_adaptive(model, x_T / p.m(p.sde.T), smin, smax, rtol=rtol, atol=rtol / 10, disable=True)
+        out = kd.sample_dpm_adaptive(model, x_T / p.m(p.sde.T), smin, smax, rtol=rtol,
+                                     atol=rtol / 10 if atol is None else atol, disable=True)
         # its last step lands on σ_min, not 0: the target is p at σ_min (= p_{t_min})
         return out * p.m(p.sde.t_min), model.calls, "ptmin"
 
@@ -172,58 +212,101 @@ def _diffusers(cls_name: str, heun_like: bool = False, **kw) -> Run:
     return run
 
 
+# sdegen methods run at the solver's default grid (labels "(default)"; options may be set, the grid is the
+# solver's own): "the best sdegen solver at its default grid"
+DEFAULT = "(default)"
+
+
 def methods() -> dict[str, tuple[str, Run]]:
-    """``label -> (owner, run)``; owner is ``"sdegen"`` or a peer's name."""
-    m: dict[str, tuple[str, Run]] = {
-        "sdegen euler (edm grid)": ("sdegen", _sdegen("euler_maruyama", "edm")),
-        "sdegen heun (edm grid)": ("sdegen", _sdegen("heun", "edm", 2)),
-        "sdegen edm (edm grid)": ("sdegen", _sdegen("edm", "edm", 2)),
+    """``label -> (owner, run)``; owner is ``"sdegen"`` or a peer's name; sdegen labels ending in ``(default)``
+    use the solver's default grid."""
+    m: dict[str, tuple[str, Run]] = {}
+    for name, per in (("ipndm", 1), ("unipc", 1), ("dpmpp_3m", 1), ("dpmpp_2m", 1), ("lms", 1), ("ddim", 1),
+                      ("euler_maruyama", 1), ("heun", 2), ("edm", 2)):
+        m[f"sdegen {name} {DEFAULT}"] = ("sdegen", _sdegen(name, None, per))
+    m |= {
+        f"sdegen unipc predictor=ipndm order=2 {DEFAULT}": ("sdegen", _sdegen("unipc", None, predictor="ipndm",
+                                                                               order=2)),
+        f"sdegen ipndm {DEFAULT} +tweedie": ("sdegen", _sdegen("ipndm", None, final="tweedie")),
+        f"sdegen unipc {DEFAULT} +tweedie": ("sdegen", _sdegen("unipc", None, final="tweedie")),
+        "sdegen unipc (order 2)": ("sdegen", _sdegen("unipc", None, order=2)),
+        "sdegen ipndm (log_snr)": ("sdegen", _sdegen("ipndm", "log_snr")),
+        "sdegen ipndm (quadratic)": ("sdegen", _sdegen("ipndm", "quadratic")),
+        "sdegen unipc (log_snr)": ("sdegen", _sdegen("unipc", "log_snr")),
+        "sdegen lms (log_snr variable, log_snr)": ("sdegen", _sdegen("lms", "log_snr", variable="log_snr")),
         "sdegen dpmpp_2m (log_snr)": ("sdegen", _sdegen("dpmpp_2m", "log_snr")),
         "sdegen dpmpp_2m (edm grid)": ("sdegen", _sdegen("dpmpp_2m", "edm")),
         "sdegen dpmpp_2m (uniform)": ("sdegen", _sdegen("dpmpp_2m", "uniform")),
         "sdegen dpmpp_2m (quadratic)": ("sdegen", _sdegen("dpmpp_2m", "quadratic")),
         "sdegen dpmpp_3m (log_snr)": ("sdegen", _sdegen("dpmpp_3m", "log_snr")),
         "sdegen dpmpp_3m (edm grid)": ("sdegen", _sdegen("dpmpp_3m", "edm")),
-        "sdegen dpmpp_3m (log_snr) +tweedie": ("sdegen", _sdegen("dpmpp_3m", "log_snr", final="tweedie")),
         "sdegen euler_maruyama SDE (uniform)": ("sdegen", _sdegen("euler_maruyama", "uniform", noise_scale=1.0)),
     }
-    if "ddim" in available_solvers():
-        m["sdegen ddim (log_snr)"] = ("sdegen", _sdegen("ddim", "log_snr"))
     if k_diffusion() is not None:
-        m |= {
-            "k-diffusion euler": ("k-diffusion", _kd("sample_euler")),
-            "k-diffusion heun": ("k-diffusion", _kd("sample_heun", heun_like=True)),
-            "k-diffusion dpmpp_2m": ("k-diffusion", _kd("sample_dpmpp_2m")),
-            "k-diffusion dpmpp_3m (eta=0)": ("k-diffusion", _kd("sample_dpmpp_3m_sde", eta=0.0)),
-            "k-diffusion euler_ancestral": ("k-diffusion", _kd("sample_euler_ancestral")),
-        }
+        for sched in ("karras", "exponential"):
+            tag = "" if sched == "karras" else " (exponential σ)"
+            m |= {
+                f"k-diffusion euler{tag}": ("k-diffusion", _kd("sample_euler", schedule=sched)),
+                f"k-diffusion heun{tag}": ("k-diffusion", _kd("sample_heun", heun_like=True, schedule=sched)),
+                f"k-diffusion dpm_2{tag}": ("k-diffusion", _kd("sample_dpm_2", heun_like=True, schedule=sched)),
+                f"k-diffusion lms{tag}": ("k-diffusion", _kd("sample_lms", schedule=sched)),
+                f"k-diffusion dpmpp_2m{tag}": ("k-diffusion", _kd("sample_dpmpp_2m", schedule=sched)),
+                f"k-diffusion dpmpp_3m (eta=0){tag}": ("k-diffusion", _kd("sample_dpmpp_3m_sde", eta=0.0,
+                                                                          schedule=sched)),
+            }
+        m["k-diffusion dpm_fast"] = ("k-diffusion", _kd_fast())
+        m["k-diffusion euler_ancestral"] = ("k-diffusion", _kd("sample_euler_ancestral"))
     if optional("torchsde") is not None:
         m["torchsde euler (reverse SDE)"] = ("torchsde", _torchsde_euler())
     if optional("diffusers") is not None:
         m |= {
             "diffusers DDIM": ("diffusers", _diffusers("DDIMScheduler", clip_sample=False)),
             "diffusers DPMSolverMultistep": ("diffusers", _diffusers("DPMSolverMultistepScheduler")),
+            "diffusers UniPC": ("diffusers", _diffusers("UniPCMultistepScheduler")),
             "diffusers Euler": ("diffusers", _diffusers("EulerDiscreteScheduler")),
             "diffusers Heun": ("diffusers", _diffusers("HeunDiscreteScheduler", heun_like=True)),
         }
     return m
 
 
+ADAPTIVE_TOLS = {  # (rtol, atol) per method
+    "sdegen dpm_adaptive": [(r, r) for r in (0.04, 0.02, 0.01, 0.005, 0.0025, 0.001, 3e-4)],
+    "sdegen dpm_adaptive (shared steps)": [(r, r) for r in (0.02, 0.01, 0.005, 0.0025)],
+    "sdegen dpm_adaptive (time control)": [(r, r) for r in (0.02, 0.01, 0.005, 0.0025)],
+    "k-diffusion dpm_adaptive": [(0.05, 0.0078), (0.02, 0.002), (1e-2, 1e-3), (5e-3, 5e-4), (1e-3, 1e-4)],
+    "sdegen rk45": [(r, r) for r in (1e-1, 1e-2, 1e-3, 1e-4)],
+    "torchdiffeq dopri5": [(r, r) for r in (1e-1, 1e-2, 1e-3, 1e-4)],
+}
+KD_TOLERANCE = (1e-2, 1e-3)  # the k-diffusion setting dpm_adaptive is measured against (issue 13)
+
+
 def adaptive_methods(quick: bool) -> dict[str, tuple[str, list[tuple[float, Run]]]]:
     """Adaptive methods, run once per tolerance (their NFE is an output)."""
-    tols = [1e-2, 1e-3] if quick else [1e-1, 1e-2, 1e-3, 1e-4]
-    m = {"sdegen rk45": ("sdegen", [(r, _sdegen_rk45(r)) for r in tols])}
+    tols = dict(ADAPTIVE_TOLS)
+    if quick:
+        tols = {k: v[1:4] for k, v in tols.items()}
+        tols["k-diffusion dpm_adaptive"] = [(0.02, 0.002), KD_TOLERANCE, (5e-3, 5e-4)]
+    m: dict = {
+        "sdegen dpm_adaptive": ("sdegen", [(r, _sdegen_adaptive("dpm_adaptive", r, a))
+                                           for r, a in tols["sdegen dpm_adaptive"]]),
+        "sdegen dpm_adaptive (shared steps)": ("sdegen", [(r, _sdegen_adaptive("dpm_adaptive", r, a, shared_steps=True))
+                                                          for r, a in tols["sdegen dpm_adaptive (shared steps)"]]),
+        "sdegen dpm_adaptive (time control)": ("sdegen", [
+            (r, _sdegen_adaptive("dpm_adaptive", r, a, step_control="time"))
+            for r, a in tols["sdegen dpm_adaptive (time control)"]]),
+        "sdegen rk45": ("sdegen", [(r, _sdegen_rk45(r)) for r, _ in tols["sdegen rk45"]]),
+    }
     if optional("torchdiffeq") is not None:
-        m["torchdiffeq dopri5"] = ("torchdiffeq", [(r, _dopri5(r)) for r in tols])
+        m["torchdiffeq dopri5"] = ("torchdiffeq", [(r, _dopri5(r)) for r, _ in tols["torchdiffeq dopri5"]])
     if k_diffusion() is not None:
-        kd_tols = [0.2, 0.05] if quick else [0.2, 0.05, 0.01, 0.002]
-        m["k-diffusion dpm_adaptive"] = ("k-diffusion", [(r, _kd_adaptive(r)) for r in kd_tols])
+        m["k-diffusion dpm_adaptive"] = ("k-diffusion", [(r, _kd_adaptive(r, a))
+                                                         for r, a in tols["k-diffusion dpm_adaptive"]])
     return m
 
 
 def run(quick: bool = False, log=print) -> dict:
     n = 1000 if quick else 4000
-    nfes = [5, 10, 20, 50] if quick else [5, 10, 20, 50, 100, 200]
+    nfes = [5, 10, 20, 50] if quick else [5, 10, 15, 20, 25, 50, 100]
     probs = [problem(mx, s) for mx in ("ring8", "aniso16") for s in ("vp", "edm")]
     fixed, adaptive = methods(), adaptive_methods(quick)
     out: dict = {"n_samples": n, "nfe": nfes, "problems": {}}
@@ -250,16 +333,23 @@ def run(quick: bool = False, log=print) -> dict:
         for label, (owner, runs) in adaptive.items():
             pts = []
             for tol, fn in runs:
-                x, used, target = fn(p, x_T, 0, 5)
-                pts.append(_point(x, used, target, refs, coupled, p) | {"tol": tol})
+                x, used, target, *work = fn(p, x_T, 0, 5)
+                pts.append(_point(x, used, target, refs, coupled, p, work[0] if work else None) | {"tol": tol})
             res["methods"][label] = {"owner": owner, "adaptive": True, "points": pts}
         budgets = [b for b in (10, 20) if b in nfes]
         res["targets"] = _targets(res["methods"], budgets)
+        res["targets_default_vs_k_diffusion"] = _targets(res["methods"], budgets, "path", sdegen_default_only=True,
+                                                         peers=("k-diffusion",))
+        res["targets_sw2"] = _targets(res["methods"], budgets, "sw2_coupled")
         res["targets_independent"] = _targets(res["methods"], budgets, "sw2")
+        res["adaptive_vs_k_diffusion"] = _adaptive_target(res["methods"])
         out["problems"][p.name] = res
-        log(f"  accuracy {p.name} (floor {floor:.3f}): " + ", ".join(
-            f"NFE {b}: sdegen {t['sdegen_best']:.3g} ({t['sdegen_method']}) vs peer {t['peer_best']:.3g} "
-            f"({t['peer_method']})" for b, t in res["targets"].items()))
+        t = res["targets_default_vs_k_diffusion"]
+        a = res["adaptive_vs_k_diffusion"]
+        log(f"  accuracy {p.name}: " + ", ".join(
+            f"NFE {b}: sdegen {v['sdegen_best']:.3g} ({v['sdegen_method']}) vs k-diffusion {v['peer_best']:.3g} "
+            f"({v['peer_method']})" for b, v in t.items())
+            + f"; dpm_adaptive {a.get('work_ratio', math.nan):.2f}x the evaluations of k-diffusion's")
     return out
 
 
@@ -279,35 +369,75 @@ def _coupled_reference(p: Problem, x_T: torch.Tensor) -> tuple[dict, dict]:
     return {"ptmin": ref.float(), "p0": x0.float()}, check
 
 
-def _point(x, used, target, refs, coupled, p) -> dict:
+def _point(x, used, target, refs, coupled, p, work=None) -> dict:
     x = x.reshape(x.shape[0], -1).float()
     ok = bool(torch.isfinite(x).all())
+    ref = coupled[target].reshape(x.shape[0], -1)
     return {
         "nfe": int(used),
+        "work": float(used if work is None else work),
         "target": target,
+        "path": float((x - ref).norm(dim=1).median()) if ok else math.inf,
         "sw2": sliced_w2(x, refs[target]) if ok else math.inf,
         "sw2_coupled": sliced_w2(x, coupled[target]) if ok else math.inf,
         "weight_error": weight_error(x, p.mixture) if ok else math.inf,
     }
 
 
-def _targets(methods: dict, budgets: list[int], metric: str = "sw2_coupled") -> dict:
-    """Best sdegen vs best peer with at most ``b`` NFE (adaptive runs count if they used <= b)."""
+def _targets(methods: dict, budgets: list[int], metric: str = "path", sdegen_default_only: bool = False,
+             peers: tuple[str, ...] | None = None) -> dict:
+    """Best sdegen vs best peer with at most ``b`` evaluations per sample (adaptive runs count if they used
+    <= b); optionally sdegen at default grids only and only the named peers."""
     out = {}
     for b in budgets:
         best = {"sdegen": (math.inf, ""), "peer": (math.inf, "")}
         for label, rec in methods.items():
             side = "sdegen" if rec["owner"] == "sdegen" else "peer"
+            if side == "sdegen" and sdegen_default_only and (DEFAULT not in label or rec["adaptive"]):
+                continue
+            if side == "peer" and peers is not None and rec["owner"] not in peers:
+                continue
             for pt in rec["points"]:
-                if pt["nfe"] <= b and pt[metric] < best[side][0]:
+                if pt["work"] <= b and pt[metric] < best[side][0]:
                     best[side] = (pt[metric], f"{label} @ {pt['nfe']}")
         out[b] = {
             "metric": metric,
             "sdegen_best": best["sdegen"][0], "sdegen_method": best["sdegen"][1],
             "peer_best": best["peer"][0], "peer_method": best["peer"][1],
+            "ratio": best["sdegen"][0] / best["peer"][0] if best["peer"][0] > 0 else math.nan,
             "met": best["sdegen"][0] <= best["peer"][0],
         }
     return out
+
+
+def _adaptive_target(methods: dict) -> dict:
+    """Evaluations per sample ``dpm_adaptive`` needs to reach the path error of k-diffusion's
+    ``sample_dpm_adaptive`` at rtol 1e-2 / atol 1e-3 (log-log interpolation over its tolerance sweep)."""
+    kd = methods.get("k-diffusion dpm_adaptive")
+    ours = methods.get("sdegen dpm_adaptive")
+    if kd is None or ours is None:
+        return {}
+    ref = next(pt for pt in kd["points"] if pt["tol"] == KD_TOLERANCE[0])
+    pts = sorted(((pt["work"], pt["path"], pt["nfe"]) for pt in ours["points"]), key=lambda q: -q[1])
+    work = math.nan
+    for (w1, e1, _), (w2, e2, _) in zip(pts, pts[1:], strict=False):
+        if e2 <= ref["path"] <= e1:
+            f = math.log(e1 / ref["path"]) / math.log(e1 / e2) if e1 != e2 else 0.0
+            work = math.exp(math.log(w1) + f * math.log(w2 / w1))
+            break
+    return {"k_diffusion_path": ref["path"], "k_diffusion_evaluations": ref["work"],
+            "sdegen_evaluations": work, "work_ratio": work / ref["work"],
+            "sdegen_points": [{"tol": pt["tol"], "work": pt["work"], "nfe": pt["nfe"], "path": pt["path"]}
+                              for pt in ours["points"]]}
+
+
+PLOT_LABELS = (
+    f"sdegen ipndm {DEFAULT}", f"sdegen unipc predictor=ipndm order=2 {DEFAULT}", f"sdegen unipc {DEFAULT}",
+    f"sdegen dpmpp_3m {DEFAULT}", f"sdegen dpmpp_2m {DEFAULT}", f"sdegen lms {DEFAULT}", f"sdegen heun {DEFAULT}",
+    "sdegen dpm_adaptive", "sdegen rk45", "k-diffusion lms", "k-diffusion dpmpp_3m (eta=0)",
+    "k-diffusion dpmpp_3m (eta=0) (exponential σ)", "k-diffusion dpmpp_2m", "k-diffusion dpm_fast",
+    "k-diffusion heun", "k-diffusion dpm_adaptive", "diffusers UniPC", "torchdiffeq dopri5",
+)
 
 
 def plot(result: dict, folder) -> list[str]:
@@ -318,25 +448,28 @@ def plot(result: dict, folder) -> list[str]:
 
     files = []
     for name, res in result["problems"].items():
-        fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
-        for ax, metric, title in ((axes[0], "sw2_coupled", "to the exact flow of the same x_T"),
-                                  (axes[1], "sw2", "to independent exact samples")):
+        fig, axes = plt.subplots(1, 2, figsize=(13, 7))
+        for ax, metric, title in ((axes[0], "path", "median path error to the exact flow of the same x_T"),
+                                  (axes[1], "sw2", "sliced W2 to independent exact samples")):
             colors = plt.cm.tab20.colors + plt.cm.Dark2.colors
-            for k, (label, rec) in enumerate(res["methods"].items()):
-                pts = sorted(rec["points"], key=lambda q: q["nfe"])
+            for label, rec in res["methods"].items():
+                if label not in PLOT_LABELS:
+                    continue
+                pts = sorted(rec["points"], key=lambda q: q["work"])
                 if not pts:
                     continue
                 style = "-" if rec["owner"] == "sdegen" else "--"
                 marker = "s" if rec["adaptive"] else "o"
-                ax.plot([q["nfe"] for q in pts], [q[metric] for q in pts], style, marker=marker, ms=3, label=label,
-                        lw=2 if rec["owner"] == "sdegen" else 1, color=colors[k % len(colors)])
+                ax.plot([q["work"] for q in pts], [q[metric] for q in pts], style, marker=marker, ms=3, label=label,
+                        lw=2 if rec["owner"] == "sdegen" else 1, color=colors[PLOT_LABELS.index(label) % len(colors)])
             if metric == "sw2":
                 ax.axhline(res["floor_sw2"], color="k", ls=":", lw=1, label="Monte-Carlo floor")
-            ax.set(xscale="log", yscale="log", xlabel="network evaluations (NFE)", ylabel=f"sliced W2 {title}",
+            ax.set(xscale="log", yscale="log", xlabel="network evaluations per sample", ylabel=title,
                    title=f"{name} ({result['n_samples']} samples)")
             ax.set_ylim(top=min(ax.get_ylim()[1], 10.0))
-        axes[0].legend(fontsize=6, ncol=2)
-        fig.tight_layout()
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.tight_layout(rect=(0, 0.2, 1, 1))
+        fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
         path = folder / f"accuracy_{name}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)

@@ -8,11 +8,8 @@ measured against exact samples and exact log-densities, never against another so
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import math
-import sys
 import time
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,41 +137,15 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
 
 
 # -- peers ---------------------------------------------------------------------------------------
-def _append_dims(x, target_dims):
-    return x[(...,) + (None,) * (target_dims - x.ndim)]
-
-
 def k_diffusion():
-    """k-diffusion's ``sampling`` module (its own code), or None when it is not installed.
+    """k-diffusion's ``sampling`` module (its own code, through :func:`sdegen.testing.peers.load_k_diffusion_sampling`),
+    or None when it is not installed."""
+    from sdegen.testing.peers import load_k_diffusion_sampling
 
-    Its package ``__init__`` imports a training stack (torchvision, skimage, ...) the samplers do not
-    need; when that fails the module file is executed under a minimal package providing
-    ``utils.append_dims``.
-    """
     try:
-        return importlib.import_module("k_diffusion.sampling")
-    except ImportError:
-        pass
-    if "_bench_k_diffusion.sampling" in sys.modules:
-        return sys.modules["_bench_k_diffusion.sampling"]
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    pkg = types.ModuleType("_bench_k_diffusion")
-    pkg.__path__ = []
-    utils = types.ModuleType("_bench_k_diffusion.utils")
-    utils.append_dims = _append_dims
-    pkg.utils = utils
-    sys.modules.update({"_bench_k_diffusion": pkg, "_bench_k_diffusion.utils": utils})
-    path = Path(spec.submodule_search_locations[0]) / "sampling.py"
-    mod_spec = importlib.util.spec_from_file_location("_bench_k_diffusion.sampling", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    sys.modules["_bench_k_diffusion.sampling"] = mod
-    try:
-        mod_spec.loader.exec_module(mod)
+        return load_k_diffusion_sampling()
     except ImportError:
         return None
-    return mod
 
 
 def kd_denoiser(p: Problem) -> Callable[[Tensor, Tensor], Tensor]:

@@ -180,8 +180,81 @@ def with_network(quick: bool = False, log=print) -> list[dict]:
     return rows
 
 
+# -- whole calls ------------------------------------------------------------------------------------
+def _interleaved(a, b, repeats: int) -> tuple[float, float]:
+    """Best wall times of ``a()`` and ``b()``, run alternately (the same machine state for both)."""
+    a()
+    b()
+    ta = tb = float("inf")
+    for _ in range(repeats):
+        ta = min(ta, best_time(a, 1))
+        tb = min(tb, best_time(b, 1))
+    return ta, tb
+
+
+def whole_calls(quick: bool = False, log=print) -> list[dict]:
+    """Whole sampling calls (grid, per-grid coefficients, prior handling, loop) with a zero-cost model.
+
+    sdegen's new multistep samplers at their default grid vs the same method in k-diffusion (Karras grid,
+    its default) or diffusers (its scheduler loop): ``reverse_sample(x_T=...)`` against ``sample_*`` /
+    ``scheduler.set_timesteps`` + ``step``. k-diffusion's SDE samplers build a Brownian tree (their default
+    noise); sdegen draws per-sample counter-based noise (``seed=``).
+    """
+    from sdegen import reverse_sample
+
+    kd = k_diffusion()
+    diffusers = _optional("diffusers")
+    sde = EDMSDE()
+    shapes = [(1024, 2), (64, 3, 32, 32)] if not quick else [(1024, 2)]
+    rows = []
+    for shape in shapes:
+        x = torch.randn(shape) * 80
+        zero = torch.zeros(shape)
+        for nfe in (10, 20):
+            pairs = []
+            if kd is not None:
+                sig = kd.get_sigmas_karras(nfe, 0.002, 80.0)
+                pairs += [
+                    ("lms", "k-diffusion sample_lms",
+                     lambda x=x, sig=sig: kd.sample_lms(lambda y, s: y, x, sig, disable=True), {}),
+                    ("dpmpp_3m", "k-diffusion sample_dpmpp_3m_sde(eta=0)",
+                     lambda x=x, sig=sig: kd.sample_dpmpp_3m_sde(lambda y, s: y, x, sig, eta=0.0, disable=True), {}),
+                    ("dpmpp_2m_sde", "k-diffusion sample_dpmpp_2m_sde",
+                     lambda x=x, sig=sig: kd.sample_dpmpp_2m_sde(lambda y, s: y, x, sig, disable=True), {"seed": 0}),
+                ]
+            if diffusers is not None:
+                def unipc(n=nfe, x=x, zero=zero):
+                    sched = diffusers.UniPCMultistepScheduler(num_train_timesteps=1000)
+                    sched.set_timesteps(n)
+                    y = x
+                    for ts in sched.timesteps:
+                        y = sched.step(zero, ts, y).prev_sample
+                    return y
+
+                pairs.append(("unipc", "diffusers UniPCMultistepScheduler", unipc, {}))
+            for ours, theirs, peer, kw in pairs:
+                def mine(ours=ours, kw=kw, n=nfe, x=x, zero=zero):
+                    return reverse_sample(sde, lambda y, t: zero, x_T=x, solver=ours, steps=n, **kw)
+
+                ta, tb = _interleaved(mine, peer, 3 if quick else 7)
+                row = {"shape": list(shape), "nfe": nfe, "sdegen": ours, "peer": theirs, "sdegen_ms": 1e3 * ta,
+                       "peer_ms": 1e3 * tb, "ratio": ta / tb}
+                rows.append(row)
+                log(f"  whole call {tuple(shape)} NFE {nfe}: sdegen {ours} {row['sdegen_ms']:.1f} ms, {theirs} "
+                    f"{row['peer_ms']:.1f} ms, ratio {row['ratio']:.2f}")
+    return rows
+
+
+def _optional(name: str):
+    try:
+        return __import__(name)
+    except ImportError:
+        return None
+
+
 def run(quick: bool = False, log=print) -> dict:
-    return {"zero_cost": zero_cost(quick, log), "with_network": with_network(quick, log)}
+    return {"zero_cost": zero_cost(quick, log), "with_network": with_network(quick, log),
+            "whole_calls": whole_calls(quick, log)}
 
 
 def plot(result: dict, folder) -> list[str]:

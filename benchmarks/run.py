@@ -17,10 +17,11 @@ import time
 
 import torch
 
-from . import accuracy, adaptive, likelihood, overhead
+from . import accuracy, adaptive, grids, likelihood, overhead
 from .common import RESULTS
 
-SECTIONS = {"accuracy": accuracy, "likelihood": likelihood, "overhead": overhead, "adaptive": adaptive}
+SECTIONS = {"accuracy": accuracy, "grids": grids, "likelihood": likelihood, "overhead": overhead,
+            "adaptive": adaptive}
 
 
 def _log(msg: str) -> None:
@@ -91,11 +92,19 @@ def summarise(results: dict) -> dict:
             for r in results["overhead"]["with_network"]
         ]
     if "accuracy" in results:
-        s["accuracy"] = {name: res["targets"] for name, res in results["accuracy"]["problems"].items()}
-        s["accuracy_independent"] = {
-            name: res["targets_independent"] | {"floor": res["floor_sw2"]}
-            for name, res in results["accuracy"]["problems"].items()
+        probs = results["accuracy"]["problems"]
+        s["accuracy_default_vs_k_diffusion"] = {
+            name: res["targets_default_vs_k_diffusion"] for name, res in probs.items()
         }
+        s["accuracy"] = {name: res["targets"] for name, res in probs.items()}
+        s["accuracy_independent"] = {
+            name: res["targets_independent"] | {"floor": res["floor_sw2"]} for name, res in probs.items()
+        }
+        s["dpm_adaptive_vs_k_diffusion"] = {name: res["adaptive_vs_k_diffusion"] for name, res in probs.items()}
+    if "grids" in results:
+        s["grids"] = results["grids"]
+    if "overhead" in results and "whole_calls" in results["overhead"]:
+        s["whole_calls"] = results["overhead"]["whole_calls"]
     if "likelihood" in results:
         s["likelihood"] = results["likelihood"]["problems"]
     if "adaptive" in results:
@@ -121,8 +130,33 @@ def to_markdown(s: dict) -> str:
             lines.append(f"| {r['case']} | {r['solver']} | {100 * r['sdegen']:.1f}% "
                          f"({100 * r['sdegen_direct']:.0f}%) | {kd} |")
         lines.append("")
+    if "accuracy_default_vs_k_diffusion" in s:
+        lines += ["## Accuracy at fixed NFE: best sdegen solver at its default grid vs best k-diffusion sampler",
+                  "", "median path error to the exact flow of the same prior draw; lower is better", "",
+                  "| problem | NFE | best sdegen (default grid) | best k-diffusion (any schedule) | ratio |",
+                  "|---|---|---|---|---|"]
+        for name, targets in s["accuracy_default_vs_k_diffusion"].items():
+            for b, t in targets.items():
+                lines.append(f"| {name} | {b} | {t['sdegen_best']:.2e} ({t['sdegen_method']}) | "
+                             f"{t['peer_best']:.2e} ({t['peer_method']}) | {t['ratio']:.2f} |")
+        lines += ["", "## dpm_adaptive vs k-diffusion's sample_dpm_adaptive (rtol 1e-2, atol 1e-3)", "",
+                  "| problem | k-diffusion path error | k-diffusion evaluations | sdegen evaluations at that error "
+                  "| ratio |", "|---|---|---|---|---|"]
+        for name, a in s["dpm_adaptive_vs_k_diffusion"].items():
+            if a:
+                lines.append(f"| {name} | {a['k_diffusion_path']:.2e} | {a['k_diffusion_evaluations']:.0f} | "
+                             f"{a['sdegen_evaluations']:.1f} | {a['work_ratio']:.2f} |")
+        lines.append("")
+    if "grids" in s:
+        lines.append(grids.to_markdown(s["grids"]))
+    if "whole_calls" in s:
+        lines += ["## Whole calls (setup included), zero-cost model: sdegen / peer time", "",
+                  "| shape | NFE | sdegen | peer | ratio |", "|---|---|---|---|---|"]
+        for r in s["whole_calls"]:
+            lines.append(f"| {tuple(r['shape'])} | {r['nfe']} | {r['sdegen']} | {r['peer']} | {r['ratio']:.2f} |")
+        lines.append("")
     if "accuracy" in s:
-        for key, title in (("accuracy", "sliced W2 to the exact flow of the same prior draw (primary)"),
+        for key, title in (("accuracy", "median path error, best sdegen (any grid) vs best peer (any library)"),
                            ("accuracy_independent", "sliced W2 to independent exact samples (noisy: see floor)")):
             lines += [f"## Accuracy at fixed NFE: {title}; lower is better", "",
                       "| problem | NFE | best sdegen | best peer | met |", "|---|---|---|---|---|"]

@@ -32,7 +32,8 @@ def main() -> None:
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                        layers_per_block=1, norm_num_groups=8, add_attention=False).eval()
     scheduler = DDPMScheduler(num_train_timesteps=1000)  # linear betas, prediction_type="epsilon"
-    sde, score = from_diffusers(unet, scheduler)  # DiscreteVPSDE + ScoreModel, t_i = (i + 1) / 1000
+    # DiscreteVPSDE + ScoreModel, t_i = (i + 1) / 1000; x̂0 clipped to [-1, 1] as DDPMScheduler(clip_sample=True) does
+    sde, score = from_diffusers(unet, scheduler)
     with torch.no_grad():
         ddim = reverse_sample(sde, score, (16, 1, 16, 16), solver="ddim", steps=25, noise_scale=0.0,
                               final_step="tweedie", generator=torch.Generator().manual_seed(0), return_info=True)
@@ -56,9 +57,9 @@ def _likelihood(unet, scheduler, x) -> None:
         print("bits_per_dim: not available in this version of sdegen")
         return
     t0 = time.perf_counter()
-    # "interpolate" makes the network continuous in t, which the adaptive ODE solver prefers
-    sde, score = from_diffusers(unet, scheduler, timestep_rounding="interpolate")
-    # the random samples lie far outside [-1, 1]: clamp them into the data range and quantise to 8 bits
+    # "interpolate" makes the network continuous in t, which the adaptive ODE solver prefers; the likelihood is
+    # that of the raw model (thresholding=None), not of the sampler's clipped x̂0
+    sde, score = from_diffusers(unet, scheduler, timestep_rounding="interpolate", thresholding=None)
     levels = torch.round((x.clamp(-1, 1) + 1) * 127.5)  # 8-bit levels 0..255, stored on [-1, 1]
     bpd, info = bits_per_dim(sde, score, levels / 127.5 - 1, trace="hutchinson", seed=0, rtol=1e-2, atol=1e-2,
                              t_min=sde.t_min, return_info=True)

@@ -29,6 +29,7 @@ from .models import (
     FlowModel,
     PerSampleModel,
     ScoreModel,
+    Thresholding,
     edm_precondition,
     from_denoiser,
     from_diffusers,
@@ -37,6 +38,7 @@ from .models import (
     from_k_diffusion,
     from_score,
     from_velocity,
+    thresholded,
 )
 from .noise import GeneratorNoise, PerSampleNoise
 from .reverse import ReverseSDE
@@ -78,6 +80,8 @@ __all__ = [
     "PIController",
     "make_grid",
     "ScoreModel",
+    "Thresholding",
+    "thresholded",
     "PerSampleModel",
     "from_score",
     "from_epsilon",

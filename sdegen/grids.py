@@ -19,11 +19,20 @@ Where the signal is gone at ``t_max`` (``m = 0``: ``t = 1`` of a flow-matching p
 ``"edm"`` and ``"log_snr"`` grids, whose spacing is defined by a finite ``σ_max``, take their first step from
 ``t_max`` to the second point of the uniform grid, ``t_max − (t_max − t_min)/N``, and space the remaining
 ``N − 1`` steps from there (see :func:`make_grid`).
+
+* ``"log_snr_cos"``: log-SNR with endpoint corrections (:func:`log_snr_cos_fraction`): the step in
+  ``ℓ = −log σ`` has the density ``1 + a cos(2πu)`` over the grid index ``u ∈ [0, 1]`` (``a = 0.3``), so the
+  first and last steps are ``1 + a`` times, the middle ones ``1 − a`` times the uniform log-SNR step. At both
+  ends ``x̂0`` varies slowly in ``ℓ`` (it is the data mean where the noise dominates every data scale, and
+  ``≈ x`` below the finest one), so steps are moved to the middle of the range. Measured for every solver
+  in ``docs/performance.md``: 1.2–2× lower error than ``"log_snr"`` at 10–50 NFE; the default grid of the
+  exponential integrators.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,9 +41,16 @@ from torch import Tensor
 if TYPE_CHECKING:
     from .sde import SDE
 
-__all__ = ["GRIDS", "make_grid", "check_times", "shift_time", "dynamic_shift"]
+__all__ = ["GRIDS", "make_grid", "check_times", "log_snr_cos_fraction", "shift_time", "dynamic_shift"]
 
-GRIDS = ("uniform", "quadratic", "edm", "log_snr", "shift")
+GRIDS = ("uniform", "quadratic", "edm", "log_snr", "log_snr_cos", "shift")
+LOG_SNR_COS_AMPLITUDE = 0.3  # measured best for ipndm, unipc, dpmpp_2m/3m at 6-50 NFE (docs/performance.md)
+
+
+def log_snr_cos_fraction(u: Tensor, amplitude: float = LOG_SNR_COS_AMPLITUDE) -> Tensor:
+    """``w(u) = u + a sin(2πu)/(2π)``: the fraction of the log-SNR range covered after a fraction ``u`` of the
+    steps (``w(0) = 0``, ``w(1) = 1``, ``w' = 1 + a cos(2πu) > 0`` for ``|a| < 1``)."""
+    return u + amplitude * torch.sin(2 * math.pi * u) / (2 * math.pi)
 
 
 def _pin_ends(t: Tensor, t_max: float, t_min: float) -> Tensor:
@@ -44,7 +60,7 @@ def _pin_ends(t: Tensor, t_max: float, t_min: float) -> Tensor:
 
 
 def make_grid(
-    kind: str,
+    kind: str | Sequence[str],
     sde: SDE,
     steps: int,
     *,
@@ -57,8 +73,11 @@ def make_grid(
     """A decreasing float64 CPU tensor of ``steps + 1`` times from ``t_max`` to ``t_min``.
 
     Args:
-        kind: one of :data:`GRIDS`.
-        sde: the forward SDE (``"edm"``, ``"log_snr"`` and ``"shift"`` need an affine SDE with ``sigma(t)``).
+        kind: one of :data:`GRIDS`, or a sequence of them in order of preference: the first that applies to
+            ``sde`` (the grids in ``σ`` and log-SNR need an affine SDE with ``sigma(t)``). Solvers that also
+            integrate general SDEs declare their ``default_grid`` this way, e.g. ``("edm", "uniform")``.
+        sde: the forward SDE (``"edm"``, ``"log_snr"``, ``"log_snr_cos"`` and ``"shift"`` need an affine SDE with
+            ``sigma(t)``).
         steps: number of steps ``N >= 1``.
         t_min: end time, default ``sde.t_min``. t_max: start time, default ``sde.T``.
         rho: exponent of the ``"edm"`` schedule.
@@ -66,12 +85,23 @@ def make_grid(
             ``mu`` with ``shift = e^mu`` (diffusers' ``time_shift_type="linear"`` uses ``shift = mu``: pass
             that as ``shift``). Default: the sde's own ``shift`` (e.g. from :func:`sdegen.from_diffusers`).
 
-    When ``m(t_max) = 0`` (``σ(t_max) = ∞``: the noise end of a flow-matching path), ``"edm"`` and
-    ``"log_snr"`` grids go from ``t_max`` to ``t_1 = t_max − (t_max − t_min)/N`` and are spaced from ``t_1``
+    When ``m(t_max) = 0`` (``σ(t_max) = ∞``: the noise end of a flow-matching path), ``"edm"``, ``"log_snr"``
+    and ``"log_snr_cos"`` grids go from ``t_max`` to ``t_1 = t_max − (t_max − t_min)/N`` and are spaced from ``t_1``
     on: no spacing in ``σ`` or the log-SNR reaches ``σ = ∞`` in finitely many steps. The step from
     ``t_max`` is a jump from pure noise that the solvers able to start there take exactly or in closed
     form (DDIM, DPM-Solver++: the first-order step from ``h = ∞``).
     """
+    if not isinstance(kind, str) and isinstance(kind, Sequence):
+        kinds = list(kind)
+        if not kinds or not all(isinstance(k, str) for k in kinds):
+            raise ValueError(f"grid must be one of {GRIDS} or a non-empty sequence of them, got {kind!r}")
+        bad = [k for k in kinds if k not in GRIDS]
+        if bad:
+            raise ValueError(f"grid must be one of {GRIDS}, got {bad[0]!r} in {kind!r}")
+        usable = [k for k in kinds if k in ("uniform", "quadratic") or hasattr(sde, "sigma")]
+        if not usable:
+            raise ValueError(f"none of the grids {kind!r} applies to {type(sde).__name__} (no noise level sigma(t))")
+        kind = usable[0]
     if isinstance(steps, bool) or not isinstance(steps, int):
         raise TypeError(f"steps must be an int, got {type(steps).__name__}")
     if steps < 1:
@@ -87,7 +117,7 @@ def make_grid(
         t = t_max + u * (t_min - t_max)
     elif kind == "quadratic":
         t = (t_max**0.5 + u * (t_min**0.5 - t_max**0.5)) ** 2
-    elif kind in ("edm", "log_snr"):
+    elif kind in ("edm", "log_snr", "log_snr_cos"):
         if not hasattr(sde, "sigma"):
             raise ValueError(f"grid={kind!r} needs an affine SDE with a noise level sigma(t)")
         s_max = float(sde.sigma(torch.tensor(t_max, dtype=torch.float64)))
@@ -98,9 +128,12 @@ def make_grid(
             if rho <= 0:
                 raise ValueError(f"rho must be > 0, got {rho}")
             sig = (s_max ** (1 / rho) + u * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
-        else:
+        elif kind == "log_snr":
             lam = -2 * torch.log(torch.tensor([s_max, s_min], dtype=torch.float64))
             sig = torch.exp(-0.5 * (lam[0] + u * (lam[1] - lam[0])))
+        else:  # log_snr_cos: log-SNR with endpoint corrections
+            lam = -2 * torch.log(torch.tensor([s_max, s_min], dtype=torch.float64))
+            sig = torch.exp(-0.5 * (lam[0] + log_snr_cos_fraction(u) * (lam[1] - lam[0])))
         t = sde.t_from_sigma(sig).to(torch.float64)
     elif kind == "shift":
         t = _shift_grid(sde, u, t_min, t_max, shift, mu)

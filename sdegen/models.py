@@ -15,9 +15,11 @@ function is the exact inverse, so round trips are identities up to rounding.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 from ._utils import as_batch_time, bcast
@@ -27,6 +29,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ScoreModel",
+    "Thresholding",
+    "ThresholdedModel",
+    "thresholded",
     "PerSampleModel",
     "DenoisingModel",
     "implements",
@@ -136,6 +141,80 @@ def implements(obj: object, protocol: type) -> bool:
 _PROTOCOL_METHODS = {PerSampleModel: ("for_samples",), DenoisingModel: ("predict",)}
 
 
+# -- x̂0 thresholding ---------------------------------------------------------------------------------
+THRESHOLDING_MODES = ("clip", "dynamic")
+
+
+class Thresholding:
+    """Post-processing of the data prediction ``x̂0``: static clipping or dynamic thresholding.
+
+    Saharia et al. (2022), *Photorealistic Text-to-Image Diffusion Models with Deep Language
+    Understanding* (Imagen), §2.3: at every step the prediction ``x̂0`` of pixel data in ``[−1, 1]`` is
+
+    * ``mode="clip"``: clamped to ``[−clip_range, clip_range]`` (DDPM's "static thresholding"; diffusers'
+      ``clip_sample=True``, ``clip_sample_range``);
+    * ``mode="dynamic"``: per sample, ``q`` = the ``ratio``-quantile of ``|x̂0|`` over all its entries,
+      ``q ← clamp(q, 1, max_value)``, and ``x̂0 ← clamp(x̂0, −q, q)/q`` (diffusers' ``thresholding=True``,
+      ``dynamic_thresholding_ratio``, ``sample_max_value``). With ``q`` clamped at 1 it is clipping to
+      ``[−1, 1]``; each sample is thresholded on its own (no batch coupling).
+
+    It is not for latent-space models (their latents are not bounded). Apply it with
+    ``ScoreModel(..., thresholding=...)`` or :func:`thresholded`: the model's score is then made consistent
+    with the processed ``x̂0`` (Tweedie's ``score = (m x̂0 − x)/s²``), so every solver — data-prediction
+    (``ddim``, ``dpmpp_*``, ``unipc``, ...) or score-based (``euler_maruyama``, ``heun``, ``rk45``) — sees one
+    thresholded model.
+
+    Args:
+        mode: ``"clip"`` or ``"dynamic"``.
+        clip_range: half-width of the clipping interval (``"clip"``; default 1).
+        ratio: quantile of ``|x̂0|`` (``"dynamic"``; default 0.995, in ``(0, 1]``).
+        max_value: largest threshold ``q`` (``"dynamic"``; default 1, ``≥ 1``).
+    """
+
+    def __init__(self, mode: str = "dynamic", *, clip_range: float = 1.0, ratio: float = 0.995, max_value: float = 1.0):
+        if mode not in THRESHOLDING_MODES:
+            raise ValueError(f"thresholding mode must be one of {THRESHOLDING_MODES}, got {mode!r}")
+        for name, v in (("clip_range", clip_range), ("ratio", ratio), ("max_value", max_value)):
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise TypeError(f"thresholding {name} must be a finite number, got {v!r}")
+        if clip_range <= 0:
+            raise ValueError(f"thresholding clip_range must be > 0, got {clip_range}")
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"thresholding ratio must lie in (0, 1], got {ratio}")
+        if max_value < 1.0:
+            raise ValueError(f"thresholding max_value must be >= 1, got {max_value}")
+        self.mode = mode
+        self.clip_range = float(clip_range)
+        self.ratio = float(ratio)
+        self.max_value = float(max_value)
+
+    def __call__(self, x0: Tensor) -> Tensor:
+        """The processed ``x̂0`` ``(batch, *dims)``, same dtype."""
+        if self.mode == "clip":
+            return x0.clamp(-self.clip_range, self.clip_range)
+        dtype = x0.dtype
+        flat = x0.reshape(x0.shape[0], -1)
+        if dtype not in (torch.float32, torch.float64):
+            flat = flat.float()  # quantile needs float32/64
+        q = torch.quantile(flat.abs(), self.ratio, dim=1).clamp(1.0, self.max_value)[:, None]
+        out = torch.maximum(torch.minimum(flat, q), -q) / q
+        return out.reshape(x0.shape).to(dtype)
+
+    def __repr__(self) -> str:
+        if self.mode == "clip":
+            return f"Thresholding('clip', clip_range={self.clip_range})"
+        return f"Thresholding('dynamic', ratio={self.ratio}, max_value={self.max_value})"
+
+
+def _check_thresholding(thresholding: Any) -> Thresholding | None:
+    if thresholding is not None and not isinstance(thresholding, Thresholding):
+        raise TypeError(
+            f"thresholding must be a sdegen.models.Thresholding or None, got {type(thresholding).__name__}: "
+            "e.g. Thresholding('clip') or Thresholding('dynamic', ratio=0.995)"
+        )
+    return thresholding
+
+
 # -- adapters -----------------------------------------------------------------------------------
 class ScoreModel:
     """A network wrapped as a score function ``score(x, t, **kwargs) -> ∇ log p_t(x)``.
@@ -146,6 +225,8 @@ class ScoreModel:
         parametrisation: ``"score"``, ``"epsilon"``, ``"denoiser"`` or ``"velocity"``.
         time_input: optional map from continuous ``t`` to the network's time input
             (e.g. ``lambda t: 999 * t`` for a DDPM-indexed network); default: ``t`` itself.
+        thresholding: a :class:`Thresholding` applied to ``x̂0`` at every evaluation, with the score made
+            consistent with it (needs ``sde``); default None.
     """
 
     _CONVERT = {
@@ -162,6 +243,7 @@ class ScoreModel:
         parametrisation: str = "score",
         *,
         time_input: Callable[[Tensor], Tensor] | None = None,
+        thresholding: Thresholding | None = None,
     ):
         if not callable(network):
             raise TypeError("network must be callable as network(x, t)")
@@ -169,6 +251,11 @@ class ScoreModel:
             raise ValueError(f"parametrisation must be one of {sorted(self._CONVERT)}, got {parametrisation!r}")
         if parametrisation != "score" and sde is None:
             raise ValueError(f"parametrisation {parametrisation!r} needs the sde to convert to a score")
+        self.thresholding = _check_thresholding(thresholding)
+        if self.thresholding is not None and sde is None:
+            raise ValueError(
+                "thresholding needs the sde (the kernel m, s of Tweedie's formula): ScoreModel(net, sde, ...)"
+            )
         self.network = network
         self.sde = sde
         self.parametrisation = parametrisation
@@ -188,6 +275,8 @@ class ScoreModel:
         return out.to(x.dtype)
 
     def __call__(self, x: Tensor, t: Tensor, **kwargs) -> Tensor:
+        if self.thresholding is not None:
+            return self.predict(x, t, **kwargs)[0]
         out = self._output(x, t, kwargs)
         convert = self._CONVERT[self.parametrisation]
         return out if convert is None else convert(self.sde, x, t, out)
@@ -197,25 +286,84 @@ class ScoreModel:
 
         ``x̂0`` comes from the network's own parametrisation — directly for ``"denoiser"``,
         ``(m x − s v)/(m² + s²)`` for ``"velocity"``, ``(x − s ε)/m`` for ``"epsilon"`` — and by Tweedie's
-        formula only for a ``"score"`` network (which needs ``sde``).
+        formula only for a ``"score"`` network (which needs ``sde``). With ``thresholding`` the processed
+        ``x̂0`` is returned and the score is Tweedie-consistent with it.
         """
         out = self._output(x, t, kwargs)
         p = self.parametrisation
         if p == "score":
             if self.sde is None:
                 raise ValueError("a score network needs the sde for its data prediction: ScoreModel(net, sde)")
-            return out, denoiser_from_score(self.sde, x, t, out)
-        m, s = _kernel(self.sde, x, t)
-        if p == "denoiser":
-            x0 = out
-        elif p == "velocity":
-            x0 = (m * x - s * out) / (m**2 + s**2)
-        else:  # epsilon
-            x0 = (x - s * out) / m
-        return self._CONVERT[p](self.sde, x, t, out), x0
+            score, x0 = out, denoiser_from_score(self.sde, x, t, out)
+        else:
+            m, s = _kernel(self.sde, x, t)
+            if p == "denoiser":
+                x0 = out
+            elif p == "velocity":
+                x0 = (m * x - s * out) / (m**2 + s**2)
+            else:  # epsilon
+                x0 = (x - s * out) / m
+            score = self._CONVERT[p](self.sde, x, t, out)
+        if self.thresholding is not None:
+            x0 = self.thresholding(x0)
+            score = score_from_denoiser(self.sde, x, t, x0)
+        return score, x0
 
     def __repr__(self) -> str:
-        return f"ScoreModel({self.parametrisation}, sde={self.sde!r})"
+        thr = "" if self.thresholding is None else f", thresholding={self.thresholding!r}"
+        return f"ScoreModel({self.parametrisation}, sde={self.sde!r}{thr})"
+
+
+class ThresholdedModel:
+    """Any score model with :class:`Thresholding` applied to its data prediction (see :func:`thresholded`).
+
+    ``predict(x, t)`` returns ``(score, x̂0)`` with ``x̂0`` processed and the score Tweedie-consistent with it;
+    ``x̂0`` comes from the inner model's own ``predict`` when it is a :class:`DenoisingModel`, else from
+    Tweedie's formula on its score. Per-sample parameters of the inner model follow ``for_samples``.
+    """
+
+    def __init__(self, model: Callable[..., Tensor], sde: LinearSDE, thresholding: Thresholding):
+        if not callable(model):
+            raise TypeError("model must be a score function model(x, t, **kwargs)")
+        if not hasattr(sde, "marginal"):
+            raise TypeError(f"thresholding needs an affine SDE with marginal(t); got {type(sde).__name__}")
+        if _check_thresholding(thresholding) is None:
+            raise TypeError("thresholding must be a sdegen.models.Thresholding, got None")
+        self.model, self.sde, self.thresholding = model, sde, thresholding
+
+    def predict(self, x: Tensor, t: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
+        x0 = None
+        if implements(self.model, DenoisingModel):
+            _, x0 = self.model.predict(x, t, **kwargs)
+        if x0 is None:
+            x0 = denoiser_from_score(self.sde, x, t, self.model(x, t, **kwargs))
+        x0 = self.thresholding(x0)
+        return score_from_denoiser(self.sde, x, t, x0), x0
+
+    def __call__(self, x: Tensor, t: Tensor, **kwargs) -> Tensor:
+        return self.predict(x, t, **kwargs)[0]
+
+    def for_samples(self, index: Any, batch: int) -> ThresholdedModel:
+        """This model restricted to the samples at ``index`` of a ``batch`` (the inner model's, if per-sample)."""
+        if implements(self.model, PerSampleModel):
+            return ThresholdedModel(self.model.for_samples(index, batch), self.sde, self.thresholding)
+        return self
+
+    def __repr__(self) -> str:
+        return f"ThresholdedModel({self.model!r}, {self.thresholding!r})"
+
+
+def thresholded(model: Callable[..., Tensor], sde: LinearSDE, thresholding: Thresholding) -> ThresholdedModel:
+    """``model`` with its ``x̂0`` clipped or dynamically thresholded (:class:`Thresholding`), score made consistent.
+
+    The explicit form for any score model — a plain score function, guidance, a k-diffusion denoiser::
+
+        guided = thresholded(classifier_free(score, w=7.5, uncond=0), sde, Thresholding("dynamic"))
+
+    (Thresholding the *guided* ``x̂0``, as diffusers' pipelines do, differs from thresholding each branch
+    before guidance; a ``ScoreModel(..., thresholding=...)`` inside ``classifier_free`` does the latter.)
+    """
+    return ThresholdedModel(model, sde, thresholding)
 
 
 def from_score(network: Network, **kw) -> ScoreModel:

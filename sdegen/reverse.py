@@ -308,7 +308,7 @@ class ReverseSDE(EquationBase):
                 raise ValueError(f"solver {name!r} cannot start the probability-flow ODE at {where}: {wrap}")
             return
         raise ValueError(
-            f"solver {name!r} cannot start at {where} (its step divides by α there): start below T "
+            f"solver {name!r} cannot start at {where} (its first step is not defined there): start below T "
             "(t_max=1 - 1e-3), or use 'euler_maruyama', 'heun', 'rk45', 'ddim' or 'dpmpp_2m', which start there"
         )
 

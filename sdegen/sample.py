@@ -117,15 +117,17 @@ def reverse_sample(
         solver: name (see :func:`sdegen.solvers.available_solvers`) or a solver instance; options of a
             named solver go in ``**solver_options``.
         steps: number of steps of a fixed-step solver (``>= 1``); default the solver's ``default_steps``
-            (e.g. 1000 for ``"euler_maruyama"``, 25 for ``"dpmpp_2m"``). Adaptive solvers choose their own.
+            (e.g. 250 for ``"euler_maruyama"``, 25 for ``"dpmpp_2m"``, 20 for ``"unipc"``). Adaptive solvers choose
+            their own.
         noise_scale: ``λ ∈ [0, 1]`` — 1 reverse SDE, 0 probability-flow ODE; default the solver's natural
             value (0 for ODE solvers such as ``"dpmpp_2m"``, ``"rk45"``, ``"ddim"``; 1 for SDE samplers).
         t_min: end time; default ``sde.t_min`` (1e-3 for VP/sub-VP, 1e-5 for VE, σ_min for EDM).
         t_max: start time; default ``sde.T``. Below ``T`` the prior is :meth:`~sdegen.LinearSDE.prior_std_at`
             ``(t_max)``, exact only at ``T`` (pass ``x_T`` for an exact start).
         times: explicit strictly decreasing grid (instead of ``steps``, ``grid``, ``t_min``, ``t_max``).
-        grid: ``"uniform"``, ``"quadratic"``, ``"edm"`` or ``"log_snr"`` (see :mod:`sdegen.grids`); default
-            the solver's ``default_grid``, its best measured grid (``docs/solvers.md``).
+        grid: ``"uniform"``, ``"quadratic"``, ``"edm"``, ``"log_snr"`` or ``"log_snr_cos"`` (see
+            :mod:`sdegen.grids`); default the solver's ``default_grid``, its best measured grid
+            (``docs/performance.md``).
         generator: ``torch.Generator`` on the samples' device for all randomness.
         seed, sample_ids: counter-based per-sample noise instead of ``generator`` — sample ``i``
             depends only on ``(seed, sample_ids[i])`` (default ids ``0..batch-1``), so results do

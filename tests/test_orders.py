@@ -60,9 +60,15 @@ ODE_ORDER = {
     "dpmpp_2m": "measure",
     "dpmpp_3m": "measure",
     "edm": "measure",
+    "unipc": "measure",
+    "lms": "measure",
+    "ipndm": "measure",
+    "dpmpp_2m_sde": "measure",  # at noise_scale 0 it is DPM-Solver++(2M)
+    "dpmpp_3m_sde": "measure",
     "rk45": "adaptive",  # error tracks rtol: tests/test_adaptive.py
     "tsit5": "adaptive",
     "bosh3": "adaptive",
+    "dpm_adaptive": "adaptive",  # error tracks rtol: tests/test_samplers.py
     "ancestral": "sde only",
     "langevin": "sde only",
     "pc": "sde only",
@@ -81,6 +87,12 @@ STRONG_ORDER = {
     "rk45": "none declared",
     "tsit5": "none declared",
     "bosh3": "none declared",
+    "unipc": "none declared",
+    "lms": "none declared",
+    "ipndm": "none declared",
+    "dpmpp_2m_sde": "none declared",  # weak order measured exactly on Gaussian data: tests/test_samplers.py
+    "dpmpp_3m_sde": "none declared",
+    "dpm_adaptive": "none declared",
 }
 
 

@@ -128,7 +128,7 @@ def test_return_info_nfe_and_trajectory():
     assert sol.trajectory.shape == (11, 8, 2)
     assert torch.equal(sol.trajectory[-1], sol.x)
     torch.testing.assert_close(sol.trajectory_times, sol.times)
-    sol = reverse_sample(sde, pm.score, (8, 2), steps=10, save_at=[1.0, 0.5], return_info=True)
+    sol = reverse_sample(sde, pm.score, (8, 2), steps=10, grid="uniform", save_at=[1.0, 0.5], return_info=True)
     assert sol.trajectory.shape == (2, 8, 2) and sol.nfe == 10
     torch.testing.assert_close(sol.trajectory_times, sol.times[[0, 5]])  # snapped to the nearest grid points
     sol = reverse_sample(sde, pm.score, (8, 2), steps=10, final_step="tweedie", return_info=True)
@@ -139,9 +139,10 @@ def test_final_steps():
     sde = VPSDE()
     pm = GM.perturbed(sde)
     g = lambda: torch.Generator().manual_seed(0)
-    a = reverse_sample(sde, pm.score, (4000, 2), steps=100, final_step="none", generator=g(), dtype=torch.float64)
-    b = reverse_sample(sde, pm.score, (4000, 2), steps=100, final_step="noiseless", generator=g(), dtype=torch.float64)
-    c = reverse_sample(sde, pm.score, (4000, 2), steps=100, final_step="tweedie", generator=g(), dtype=torch.float64)
+    kw = dict(steps=100, grid="uniform", dtype=torch.float64)  # uniform: the last step is 1/100 of the interval
+    a = reverse_sample(sde, pm.score, (4000, 2), final_step="none", generator=g(), **kw)
+    b = reverse_sample(sde, pm.score, (4000, 2), final_step="noiseless", generator=g(), **kw)
+    c = reverse_sample(sde, pm.score, (4000, 2), final_step="tweedie", generator=g(), **kw)
     # the last noise draw has std g·sqrt(h) ≈ 0.045: removing it lowers the total variance
     assert float(b.var(0).sum()) < float(a.var(0).sum())
     assert not torch.equal(a, b) and not torch.equal(a, c)

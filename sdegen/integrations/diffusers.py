@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from ..discrete import DiscreteVPSDE
-from ..models import ScoreModel
+from ..models import ScoreModel, Thresholding
 
-__all__ = ["from_diffusers", "DiffusersNetwork", "TIMESTEP_ROUNDING", "PREDICTION_TYPES"]
+__all__ = ["from_diffusers", "DiffusersNetwork", "TIMESTEP_ROUNDING", "PREDICTION_TYPES", "scheduler_thresholding"]
 
 TIMESTEP_ROUNDING = ("round", "interpolate", "continuous")
 PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "velocity", "sample": "denoiser"}
@@ -120,6 +120,25 @@ def _config(scheduler: Any, key: str, default: Any) -> Any:
     return getattr(cfg, key, default)
 
 
+def scheduler_thresholding(scheduler: Any) -> Thresholding | None:
+    """The ``x̂0`` post-processing a diffusers scheduler's config asks for, as a :class:`~sdegen.models.Thresholding`.
+
+    ``thresholding=True`` → ``Thresholding("dynamic", ratio=dynamic_thresholding_ratio, max_value=sample_max_value)``
+    (it takes precedence, as in diffusers); else ``clip_sample=True`` → ``Thresholding("clip",
+    clip_range=clip_sample_range)``; else None. Keys a scheduler lacks count as False (diffusers' defaults:
+    ``clip_sample=True`` for ``DDPMScheduler`` and ``DDIMScheduler``, ``thresholding=False`` everywhere).
+    """
+    if bool(_config(scheduler, "thresholding", False)):
+        return Thresholding(
+            "dynamic",
+            ratio=float(_config(scheduler, "dynamic_thresholding_ratio", 0.995)),
+            max_value=float(_config(scheduler, "sample_max_value", 1.0)),
+        )
+    if bool(_config(scheduler, "clip_sample", False)):
+        return Thresholding("clip", clip_range=float(_config(scheduler, "clip_sample_range", 1.0)))
+    return None
+
+
 def from_diffusers(
     model: Any,
     scheduler: Any,
@@ -127,6 +146,7 @@ def from_diffusers(
     timestep_rounding: str = "round",
     prediction_type: str | None = None,
     t_min: float | None = None,
+    thresholding: str | Thresholding | None = "scheduler",
     **flow_options: Any,
 ) -> tuple[DiscreteVPSDE, ScoreModel]:
     """Wrap a ``diffusers`` model and its training scheduler into ``(sde, score)``.
@@ -158,6 +178,10 @@ def from_diffusers(
         prediction_type: override ``scheduler.config.prediction_type`` (``"epsilon"``,
             ``"v_prediction"`` or ``"sample"``).
         t_min: smallest sampling time, default ``1/N`` (timestep 0).
+        thresholding: ``"scheduler"`` (default): the scheduler's ``clip_sample`` / ``thresholding`` settings
+            (:func:`scheduler_thresholding`), so that sampling matches diffusers' loop with that scheduler;
+            None: no post-processing (the raw model: use it for likelihoods); or a
+            :class:`~sdegen.models.Thresholding`.
 
     Returns:
         ``(sde, score)``: a :class:`~sdegen.discrete.DiscreteVPSDE` (``sde.timesteps_to_times(i) =
@@ -169,8 +193,12 @@ def from_diffusers(
         x = reverse_sample(sde, score, (4, 3, 32, 32), solver="ddim", steps=50, noise_scale=0.0,
                            final_step="tweedie")
 
-    The scheduler's ``clip_sample``/``thresholding`` post-processing of ``x̂0`` is not applied (it is
-    not part of the model); reproduce diffusers with ``clip_sample=False``.
+    ``DDPMScheduler`` and ``DDIMScheduler`` default to ``clip_sample=True``: their ``x̂0`` is clipped to
+    ``[−1, 1]`` and the returned score is consistent with the clipped ``x̂0``. That reproduces
+    ``DDPMScheduler``, ``DPMSolverMultistepScheduler(thresholding=True)`` and ``UniPCMultistepScheduler``
+    loops, and ``DDIMScheduler.step(..., use_clipped_model_output=True)``; diffusers' DDIM default
+    (``use_clipped_model_output=False``) combines the clipped ``x̂0`` with the *unclipped* ``ε̂``, which is not
+    one model's prediction (``docs/models.md``).
     """
     from .diffusers_flow import from_diffusers_flow, is_flow_scheduler
 
@@ -184,8 +212,14 @@ def from_diffusers(
         prediction_type = _config(scheduler, "prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {sorted(PREDICTION_TYPES)}, got {prediction_type!r}")
+    if isinstance(thresholding, str):
+        if thresholding != "scheduler":
+            raise ValueError(f"thresholding must be 'scheduler', None or a Thresholding, got {thresholding!r}")
+        thresholding = scheduler_thresholding(scheduler)
     sde = DiscreteVPSDE(**_schedule(scheduler), t_min=t_min)
     learned = _config(scheduler, "variance_type", None) in ("learned", "learned_range")
     network = DiffusersNetwork(model, sde.num_timesteps, timestep_rounding, learned_variance=learned)
-    score = ScoreModel(network, sde, PREDICTION_TYPES[prediction_type], time_input=sde.times_to_timesteps)
+    score = ScoreModel(
+        network, sde, PREDICTION_TYPES[prediction_type], time_input=sde.times_to_timesteps, thresholding=thresholding
+    )
     return sde, score

@@ -43,7 +43,8 @@ class Solver:
         needs_additive_noise: refuses state-dependent diffusions (it would converge to Stratonovich).
         nfe_per_step: network evaluations per step (per accepted step for adaptive solvers).
         default_grid: the time grid ``reverse_sample`` uses when none is given (the best measured one,
-            see ``docs/solvers.md``).
+            see ``docs/performance.md``): a name of :data:`sdegen.grids.GRIDS`, or a sequence of them in
+            order of preference for solvers that also integrate SDEs without a noise level ``σ(t)``.
         default_steps: the number of steps ``reverse_sample`` takes when ``steps`` is not given.
         adaptive: True for :class:`AdaptiveSolver` s (they choose their own steps; ``steps`` is unused).
         zero_signal_start: what a step evaluates at its start time, which decides whether the solver can
@@ -63,7 +64,7 @@ class Solver:
     supports_ode: ClassVar[bool] = True
     needs_additive_noise: ClassVar[bool] = False
     nfe_per_step: ClassVar[int] = 1
-    default_grid: ClassVar[str] = "uniform"
+    default_grid: ClassVar[str | tuple[str, ...]] = "uniform"
     default_steps: ClassVar[int] = 1000
     adaptive: ClassVar[bool] = False
     zero_signal_start: ClassVar[str] = "drift"

@@ -115,6 +115,8 @@ class AnnealedLangevin(Solver):
     supports_ode = False
     nfe_per_step = 100
     zero_signal_start = "none"  # evaluates only at the next time: finite from m = 0
+    default_grid = "log_snr"  # geometric noise levels (NCSN's); measured: docs/performance.md, "Time grids"
+    default_steps = 100  # noise levels; × n_steps_each (default 100) network evaluations
 
     def __init__(self, n_steps_each: int = 100, step_size: float | None = None, snr: float | None = None):
         self.n_steps_each = count_option(self.name, "n_steps_each", n_steps_each, 1)
