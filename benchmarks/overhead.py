@@ -15,11 +15,13 @@ measured (step time − network time) / network time (``overhead_fraction_direct
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sdegen import EDMSDE, ReverseSDE, get_solver, integrate, make_grid
+from sdegen import EDMSDE, ReverseSDE, get_solver, integrate, make_grid, reverse_sample
 
 from .common import best_time, k_diffusion
 
@@ -245,6 +247,78 @@ def whole_calls(quick: bool = False, log=print) -> list[dict]:
     return rows
 
 
+BASIC_PAIRS = [("euler_maruyama", "sample_euler"), ("heun", "sample_heun"), ("dpmpp_2m", "sample_dpmpp_2m")]
+
+
+def _interleaved_rounds(a, b, rounds: int, reps: int) -> tuple[float, float]:
+    """Best time of ``a`` and of ``b`` over ``rounds`` alternating rounds of ``reps`` calls each."""
+    ta = tb = float("inf")
+    for _ in range(rounds):
+        for fn, which in ((a, 0), (b, 1)):
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                dt = time.perf_counter() - t0
+                if which == 0:
+                    ta = min(ta, dt)
+                else:
+                    tb = min(tb, dt)
+    return ta, tb
+
+
+def _basic_cases(quick: bool):
+    zero = ("zero-cost", None)
+    shapes = [(1, 2), (1024, 2), (64, 3, 32, 32)] if quick else [(1, 2), (1024, 2), (64, 3, 32, 32),
+                                                                  (1024, 3, 32, 32)]
+    cases = [(s, *zero) for s in shapes]
+    cases.append(((64, 3, 32, 32), "tiny conv", TinyConv().eval()))
+    return cases
+
+
+def whole_calls_basic(quick: bool = False, log=print) -> list[dict]:
+    """Whole calls of 10 and 50 steps, setup included: Euler, Heun, DPM-Solver++(2M) against k-diffusion's
+    ``get_sigmas_karras`` + ``randn · σ_max`` + ``sample_*``, with a zero-cost model and a tiny conv net."""
+    kd = k_diffusion()
+    if kd is None:
+        log("  k-diffusion unavailable: skipped")
+        return []
+    torch.manual_seed(0)
+    sde = EDMSDE()
+    rows = []
+    for shape, label, net in _basic_cases(quick):
+        numel = torch.Size(shape).numel()
+        rounds, reps = (2, 2) if numel >= 1 << 20 else (3, 5)
+        if net is None:
+            score = lambda x, t: torch.zeros_like(x)  # noqa: E731
+            denoiser = lambda x, s: x  # noqa: E731
+        else:
+            score = lambda x, t, net=net: net(x, t)  # noqa: E731 - a "score" network (the cost is what counts)
+            denoiser = lambda x, s, net=net: net(x, s)  # noqa: E731
+        for ours, theirs in BASIC_PAIRS:
+            if quick and ours == "dpmpp_2m" and net is not None:
+                continue
+            for n in (10, 50):
+                def a(n=n, ours=ours, score=score, shape=shape):
+                    reverse_sample(sde, score, shape, solver=ours, steps=n, grid="edm", noise_scale=0.0,
+                                   generator=torch.Generator().manual_seed(0), progress=False)
+
+                def b(n=n, theirs=theirs, denoiser=denoiser, shape=shape):
+                    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 80.0
+                    sig = kd.get_sigmas_karras(n + 1, 0.002, 80.0)[:-1]  # n steps ending at σ_min, as sdegen
+                    getattr(kd, theirs)(denoiser, x, sig, disable=True)
+
+                with torch.no_grad():
+                    a()
+                    b()  # warm up
+                    ta, tb = _interleaved_rounds(a, b, rounds, reps)
+                row = {"shape": list(shape), "model": label, "solver": ours, "steps": n, "sdegen_ms": 1e3 * ta,
+                       "k_diffusion_ms": 1e3 * tb, "ratio": ta / tb}
+                rows.append(row)
+                log(f"  whole call {tuple(shape)} {label} {ours} n={n}: sdegen {row['sdegen_ms']:.2f} ms, "
+                    f"k-diffusion {row['k_diffusion_ms']:.2f} ms, ratio {row['ratio']:.2f}")
+    return rows
+
+
 def _optional(name: str):
     try:
         return __import__(name)
@@ -254,7 +328,7 @@ def _optional(name: str):
 
 def run(quick: bool = False, log=print) -> dict:
     return {"zero_cost": zero_cost(quick, log), "with_network": with_network(quick, log),
-            "whole_calls": whole_calls(quick, log)}
+            "whole_calls_basic": whole_calls_basic(quick, log), "whole_calls": whole_calls(quick, log)}
 
 
 def plot(result: dict, folder) -> list[str]:

@@ -105,6 +105,8 @@ def summarise(results: dict) -> dict:
         s["grids"] = results["grids"]
     if "overhead" in results and "whole_calls" in results["overhead"]:
         s["whole_calls"] = results["overhead"]["whole_calls"]
+    if "overhead" in results and "whole_calls_basic" in results["overhead"]:
+        s["whole_calls_basic"] = results["overhead"]["whole_calls_basic"]
     if "likelihood" in results:
         s["likelihood"] = results["likelihood"]["problems"]
     if "adaptive" in results:
@@ -149,6 +151,14 @@ def to_markdown(s: dict) -> str:
         lines.append("")
     if "grids" in s:
         lines.append(grids.to_markdown(s["grids"]))
+    if "whole_calls_basic" in s:
+        lines += ["## Whole calls of 10 and 50 steps (setup included): sdegen / k-diffusion time", "",
+                  "| shape | model | solver | steps | sdegen ms | k-diffusion ms | ratio |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in s["whole_calls_basic"]:
+            lines.append(f"| {tuple(r['shape'])} | {r['model']} | {r['solver']} | {r['steps']} | "
+                         f"{r['sdegen_ms']:.2f} | {r['k_diffusion_ms']:.2f} | {r['ratio']:.2f} |")
+        lines.append("")
     if "whole_calls" in s:
         lines += ["## Whole calls (setup included), zero-cost model: sdegen / peer time", "",
                   "| shape | NFE | sdegen | peer | ratio |", "|---|---|---|---|---|"]
