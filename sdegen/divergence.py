@@ -1,12 +1,31 @@
-"""Jacobian diagonals and divergences of per-sample vector fields by autograd.
+"""Jacobian diagonals, divergences and trace estimators of per-sample vector fields by autograd.
 
 A *per-sample* field maps ``(batch, *dims) -> (batch, *dims)`` with output sample ``b`` depending
 only on input sample ``b`` (true for score networks without batch-norm in training mode). Then one
-vector-Jacobian product with the same basis vector ``e_j`` in every sample gives column ``j`` of all
+vector-Jacobian product (VJP) with the same basis vector ``e_j`` in every sample gives row ``j`` of all
 ``batch`` Jacobians at once, and ``D = prod(dims)`` products give every diagonal exactly.
 
+**Exact diagonal / trace** (:func:`jacobian_diagonal`, :func:`divergence_exact`), three ways to take the
+``D`` products, chosen by ``mode``:
+
+* ``"vjp"`` — reverse mode, ``chunk_size`` rows per backward pass run as one batched backward
+  (``torch.autograd.grad(..., is_grads_batched=True)``, i.e. ``vmap`` over the backward);
+* ``"vjp_loop"`` — reverse mode, one backward pass per basis vector on the retained graph;
+* ``"jvp"`` — forward mode, ``torch.func.jvp`` under ``torch.func.vmap`` over ``chunk_size`` tangents
+  (one forward pass per chunk; no graph is stored).
+
+``"auto"`` picks the fastest measured for the device (:func:`exact_mode`; ``benchmarks/likelihood.py``
+and ``docs/likelihood.md`` hold the measurements). Memory is bounded by ``chunk_size`` rows of products at a
+time. Models whose backward cannot run under ``vmap`` (attention in diffusers UNets: "NYI: querying
+is_contiguous inside of vmap") fall back to one product at a time, with the same values.
+
+**Stochastic traces.** :func:`hutchinson_estimates` gives Hutchinson's ``ε_kᵀ J ε_k`` for every probe
+``k`` (Hutchinson 1989), :func:`hutchpp_estimates` the Hutch++ estimator (Meyer, Musco, Musco & Woodruff
+2021, "Hutch++: optimal stochastic trace estimation", Alg. 1) with one value per residual probe, so that the
+caller can report the spread over probes as a standard error.
+
 Used for the ``∇·(G Gᵀ)`` term of state-dependent diffusions (:mod:`sdegen.reverse`) and for the
-exact trace in the likelihood. Gradients are taken locally: the graph never outlives one call.
+likelihood (:mod:`sdegen.likelihood`). Gradients are taken locally: the graph never outlives one call.
 """
 
 from __future__ import annotations
@@ -17,9 +36,18 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["jacobian_diagonal", "divergence_exact", "divergence_hutchinson"]
+__all__ = [
+    "jacobian_diagonal",
+    "divergence_exact",
+    "divergence_hutchinson",
+    "hutchinson_estimates",
+    "hutchpp_estimates",
+    "exact_mode",
+    "EXACT_MODES",
+]
 
 Field = Callable[[Tensor], Tensor]
+EXACT_MODES = ("auto", "vjp", "vjp_loop", "jvp")
 
 
 def _default_chunk(x: Tensor) -> int:
@@ -28,21 +56,45 @@ def _default_chunk(x: Tensor) -> int:
     return max(1, min(per, (1 << 22) // max(1, x.numel())))
 
 
-class _VJP:
-    """``grads[k]ᵀ J`` for every ``k`` (``(K, *x.shape)``) of ``y = fn(x)``, batched with vmap when possible.
+def _check_chunk(chunk_size: int | None) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def exact_mode(mode: str, device: torch.device | str) -> str:
+    """The product mode ``"auto"`` resolves to on ``device`` (other modes are returned as given).
+
+    CPU: ``"vjp_loop"`` — measured fastest or tied on CPU for D = 2 to 64 (``benchmarks/likelihood.py``
+    ``--trace-modes``: the batched backward's ``vmap`` costs 1.0-2.5x a loop of backward passes, forward mode
+    1.1-5x). Other devices: ``"vjp"`` (one batched backward per chunk: few kernel launches).
+    """
+    if mode not in EXACT_MODES:
+        raise ValueError(f"exact_mode must be one of {EXACT_MODES}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    return "vjp_loop" if torch.device(device).type == "cpu" else "vjp"
+
+
+class _Products:
+    """Vector–Jacobian products ``vᵀ J`` of ``y = fn(x)`` for a stack of ``v``, batched with vmap when possible.
 
     Some models cannot run their backward under vmap (e.g. attention in diffusers UNets: "NYI: querying
     is_contiguous inside of vmap"). A failed batched backward may already have freed part of the graph,
     so the forward pass is recomputed once and the products are then taken one by one (same values).
     """
 
-    def __init__(self, fn: Field, xg: Tensor):
-        self.fn, self.xg = fn, xg
-        self.y = fn(xg)
-        self.batched = True
+    def __init__(self, fn: Field, x: Tensor, *, batched: bool = True):
+        self.fn = fn
+        self.xg = x.detach().requires_grad_(True)
+        self.y = fn(self.xg)
+        if not isinstance(self.y, Tensor) or self.y.shape != x.shape:
+            got = tuple(self.y.shape) if isinstance(self.y, Tensor) else type(self.y).__name__
+            raise ValueError(f"field returned shape {got}, expected {tuple(x.shape)}")
+        self.batched = batched
 
     def __call__(self, grads: Tensor, *, retain_graph: bool) -> Tensor:
-        if self.batched:
+        """``(K, *x.shape)`` products for ``grads`` ``(K, *x.shape)``."""
+        if self.batched and grads.shape[0] > 1:
             try:
                 return torch.autograd.grad(self.y, self.xg, grads, retain_graph=retain_graph, is_grads_batched=True)[0]
             except RuntimeError as err:
@@ -57,52 +109,128 @@ class _VJP:
         ]
         return torch.stack(rows)
 
+    def chunked(self, grads: Tensor, chunk: int, *, retain_graph: bool) -> Tensor:
+        """The products of ``grads`` ``(K, *x.shape)``, ``chunk`` rows per backward pass."""
+        k = grads.shape[0]
+        if k <= chunk:
+            return self(grads, retain_graph=retain_graph)
+        out = [
+            self(grads[s : s + chunk], retain_graph=retain_graph or s + chunk < k) for s in range(0, k, chunk)
+        ]
+        return torch.cat(out)
 
-def jacobian_diagonal(fn: Field, x: Tensor, *, chunk_size: int | None = None) -> Tensor:
+
+def _basis(per: int, start: int, stop: int, batch: int, shape: tuple, dtype, device) -> Tensor:
+    """Rows ``e_j`` for ``j in [start, stop)`` repeated over the batch: ``(stop - start, *shape)``."""
+    c = stop - start
+    g = torch.zeros(c, batch, per, dtype=dtype, device=device)
+    j = torch.arange(c, device=device)
+    g[j, :, start + j] = 1
+    return g.reshape(c, *shape)
+
+
+def _pick(rows: Tensor, start: int, batch: int, per: int) -> Tensor:
+    """From ``(c, batch, per)`` products of ``e_{start+j}``, the entries ``j``: ``(batch, c)``."""
+    c = rows.shape[0]
+    j = torch.arange(c, device=rows.device)
+    return rows.reshape(c, batch, per)[j, :, start + j].T
+
+
+def jacobian_diagonal(fn: Field, x: Tensor, *, chunk_size: int | None = None, mode: str = "auto") -> Tensor:
     """Exact diagonal ``∂fn(x)_i / ∂x_i`` of a per-sample field, shaped like ``x``.
 
     Args:
         fn: per-sample field ``(batch, *dims) -> (batch, *dims)``.
         x: ``(batch, *dims)`` point.
-        chunk_size: number of basis vectors per batched vector-Jacobian product (memory bound);
-            default keeps about 4M elements per product.
+        chunk_size: basis vectors per batched product (memory bound); default keeps about 4M elements per
+            product. Unused by ``mode="vjp_loop"`` (one row at a time).
+        mode: ``"auto"``, ``"vjp"``, ``"vjp_loop"`` or ``"jvp"`` (module docstring).
 
-    Cost: one forward pass and ``ceil(D / chunk_size)`` batched backward passes, ``D = prod(dims)``.
+    Cost: one forward pass and ``D = prod(dims)`` products (reverse: ``ceil(D / chunk_size)`` batched backward
+    passes; forward: as many forward passes with ``chunk_size`` tangents).
     """
-    return _diagonal_and_value(fn, x, chunk_size)[0]
+    return _diagonal_and_value(fn, x, chunk_size, mode)[0]
 
 
-def _diagonal_and_value(fn: Field, x: Tensor, chunk_size: int | None) -> tuple[Tensor, Tensor]:
+def _diagonal_and_value(fn: Field, x: Tensor, chunk_size: int | None, mode: str) -> tuple[Tensor, Tensor]:
+    _check_chunk(chunk_size)
+    mode = exact_mode(mode, x.device)
+    if mode == "jvp":
+        return _diagonal_jvp(fn, x, chunk_size)
     batch, per = x.shape[0], math.prod(x.shape[1:])
-    chunk = chunk_size or _default_chunk(x)
-    if chunk < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk = 1 if mode == "vjp_loop" else (chunk_size or _default_chunk(x))
     with torch.enable_grad():
-        xg = x.detach().requires_grad_(True)
-        vjp = _VJP(fn, xg)
-        y = vjp.y
-        if y.shape != x.shape:
-            raise ValueError(f"field returned shape {tuple(y.shape)}, expected {tuple(x.shape)}")
+        products = _Products(fn, x, batched=mode == "vjp")
+        y = products.y
         diag = torch.empty(batch, per, device=x.device, dtype=y.dtype)
-        eye = torch.eye(per, device=x.device, dtype=y.dtype)
         for start in range(0, per, chunk):
             stop = min(per, start + chunk)
-            basis = eye[start:stop]  # (c, per)
-            grads = basis[:, None, :].expand(stop - start, batch, per).reshape(-1, *x.shape)
-            cols = vjp(grads, retain_graph=stop < per)  # row j = e_jᵀ J for every sample
-            cols = cols.reshape(stop - start, batch, per)
-            idx = torch.arange(start, stop, device=x.device)
-            diag[:, start:stop] = cols[torch.arange(stop - start, device=x.device), :, idx].T
+            grads = _basis(per, start, stop, batch, tuple(x.shape), y.dtype, x.device)
+            rows = products(grads, retain_graph=stop < per)  # row j = e_jᵀ J for every sample
+            diag[:, start:stop] = _pick(rows, start, batch, per)
     return diag.reshape(x.shape).detach(), y.detach()
 
 
-def divergence_exact(fn: Field, x: Tensor, *, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
-    """Exact divergence (Jacobian trace) per sample, ``(batch,)``, and the field value ``fn(x)`` (detached)."""
-    diag, y = _diagonal_and_value(fn, x, chunk_size)
+def _diagonal_jvp(fn: Field, x: Tensor, chunk_size: int | None) -> tuple[Tensor, Tensor]:
+    """Forward mode: ``J e_j`` for a chunk of basis vectors per forward pass (``torch.func.jvp`` + ``vmap``)."""
+    from torch.func import jvp, vmap
+
+    batch, per = x.shape[0], math.prod(x.shape[1:])
+    chunk = chunk_size or _default_chunk(x)
+    xd = x.detach()
+    diag = torch.empty(batch, per, device=x.device, dtype=x.dtype)
+    y = None
+    for start in range(0, per, chunk):
+        stop = min(per, start + chunk)
+        tangents = _basis(per, start, stop, batch, tuple(x.shape), x.dtype, x.device)
+        ys, cols = vmap(lambda v: jvp(fn, (xd,), (v,)))(tangents)  # noqa: B023 - used at once
+        if y is None:
+            y = ys[0]
+            if y.shape != x.shape:
+                raise ValueError(f"field returned shape {tuple(y.shape)}, expected {tuple(x.shape)}")
+            diag = diag.to(y.dtype)
+        diag[:, start:stop] = _pick(cols, start, batch, per)
+    assert y is not None
+    return diag.reshape(x.shape).detach(), y.detach()
+
+
+def divergence_exact(
+    fn: Field, x: Tensor, *, chunk_size: int | None = None, mode: str = "auto"
+) -> tuple[Tensor, Tensor]:
+    """Exact divergence (Jacobian trace) per sample, ``(batch,)``, and the field value ``fn(x)`` (detached).
+
+    Options as :func:`jacobian_diagonal`.
+    """
+    diag, y = _diagonal_and_value(fn, x, chunk_size, mode)
     return diag.reshape(x.shape[0], -1).sum(1), y
 
 
-def divergence_hutchinson(fn: Field, x: Tensor, probes: Tensor) -> tuple[Tensor, Tensor]:
+def hutchinson_estimates(
+    fn: Field, x: Tensor, probes: Tensor, *, chunk_size: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Hutchinson's ``ε_kᵀ J ε_k`` for every probe: ``(K, batch)``, and the field value (detached).
+
+    Args:
+        fn: per-sample field.
+        x: ``(batch, *dims)``.
+        probes: ``(K, batch, *dims)`` probe vectors with ``E[ε εᵀ] = I`` (Rademacher or Gaussian).
+        chunk_size: probes per batched backward pass (memory bound; default all ``K``).
+
+    Cost: one forward pass and ``K`` VJPs (``ceil(K / chunk_size)`` batched backward passes).
+    """
+    _check_chunk(chunk_size)
+    k = probes.shape[0]
+    with torch.enable_grad():
+        products = _Products(fn, x)
+        rows = products.chunked(probes.to(products.y.dtype), chunk_size or k, retain_graph=False)
+        y = products.y
+    est = (rows * probes).reshape(k, x.shape[0], -1).sum(-1)
+    return est.detach(), y.detach()
+
+
+def divergence_hutchinson(
+    fn: Field, x: Tensor, probes: Tensor, *, chunk_size: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Hutchinson estimate ``mean_k ε_kᵀ J ε_k`` per sample, and the field value.
 
     Args:
@@ -110,14 +238,63 @@ def divergence_hutchinson(fn: Field, x: Tensor, probes: Tensor) -> tuple[Tensor,
         x: ``(batch, *dims)``.
         probes: ``(K, batch, *dims)`` probe vectors with ``E[ε εᵀ] = I`` (Rademacher or Gaussian),
             held fixed along an ODE path.
+        chunk_size: probes per batched backward pass (default all).
 
     Returns:
-        ``(estimate (batch,), fn(x) detached)`` — one forward and one batched backward pass.
+        ``(estimate (batch,), fn(x) detached)`` — one forward and ``K`` VJPs.
     """
+    est, y = hutchinson_estimates(fn, x, probes, chunk_size=chunk_size)
+    return est.mean(0), y
+
+
+def hutchpp_estimates(
+    fn: Field, x: Tensor, sketch: Tensor, probes: Tensor, *, chunk_size: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Hutch++ trace estimates, one per residual probe: ``(M, batch)``, and the field value (detached).
+
+    Hutch++ (Meyer et al. 2021, Alg. 1) splits the trace into a low-rank part computed exactly and a
+    Hutchinson estimate of the rest. Per sample, with ``J`` the Jacobian, ``S`` the ``m`` sketch vectors and
+    ``g_k`` the ``M`` residual probes:
+
+    1. ``c = mean_i s_iᵀ J s_i / ‖s_i‖²`` (a rough mean eigenvalue) and ``Q = orth((J − c I)ᵀ S)``
+       (``D × m``, QR): the directions in which ``J`` departs most from ``c I``;
+    2. ``tr(J) = tr(Qᵀ J Q) + tr(J P)`` with ``P = I − Q Qᵀ``, the second term estimated with the projected
+       probes ``g̃_k = P g_k``: ``g̃_kᵀ J g̃_k − c (‖g̃_k‖² − (D − m))``.
+
+    Each returned value ``tr(Qᵀ J Q) + [g̃_kᵀ J g̃_k − c (‖g̃_k‖² − (D − m))]`` is unbiased for ``tr(J)`` for *any*
+    sketch (``Q``, ``c`` depend on ``S`` only; ``E_g[g̃ᵀ (J − cI) g̃] = tr((J − cI) P)``), so the spread of the
+    ``M`` values is the estimator's whole variance (their mean has variance ``var / M``). The shift ``c`` is
+    sdegen's addition to Alg. 1: it removes the ``c I`` part of ``J`` (large for the drift of a VP SDE) from
+    the residual, where projected probes would otherwise turn it into variance.
+
+    Args:
+        fn: per-sample field.
+        x: ``(batch, *dims)``.
+        sketch: ``(m, batch, *dims)`` sketch vectors (``1 <= m <= D``; at ``m = D`` the result is exact).
+        probes: ``(M, batch, *dims)`` residual probes with ``E[g gᵀ] = I``.
+        chunk_size: rows per batched backward pass (default all).
+
+    Cost: one forward pass and ``2m + M`` VJPs in two rounds.
+    """
+    _check_chunk(chunk_size)
+    m, mres = sketch.shape[0], probes.shape[0]
+    batch, per = x.shape[0], math.prod(x.shape[1:])
+    if not 1 <= m <= per:
+        raise ValueError(f"Hutch++ needs 1 <= sketch size <= D={per}, got {m}")
     with torch.enable_grad():
-        xg = x.detach().requires_grad_(True)
-        products = _VJP(fn, xg)
-        vjp = products(probes.to(products.y.dtype), retain_graph=False)
+        products = _Products(fn, x)
+        dt = products.y.dtype
+        s = sketch.to(dt).reshape(m, batch, per)
+        g = probes.to(dt).reshape(mres, batch, per)
+        ys = products.chunked(s.reshape(m, *x.shape), chunk_size or m, retain_graph=True).reshape(m, batch, per)
+        c = ((ys * s).sum(-1) / (s * s).sum(-1)).mean(0)  # (batch,)
+        basis = (ys - c[None, :, None] * s).permute(1, 2, 0)  # (batch, D, m): (J − cI)ᵀ S
+        q = torch.linalg.qr(basis).Q  # (batch, D, m) orthonormal columns
+        gt = g - torch.einsum("bdm,kbm->kbd", q, torch.einsum("bdm,kbd->kbm", q, g))  # P g = g − Q Qᵀ g
+        rows = torch.cat([q.permute(2, 0, 1), gt])  # (m + M, batch, D)
+        z = products.chunked(rows.reshape(m + mres, *x.shape), chunk_size or (m + mres), retain_graph=False)
+        z = z.reshape(m + mres, batch, per)
         y = products.y
-    est = (vjp * probes).reshape(probes.shape[0], x.shape[0], -1).sum(-1).mean(0)
-    return est.detach(), y.detach()
+    top = (z[:m] * rows[:m]).sum(-1).sum(0)  # tr(Qᵀ J Q), (batch,)
+    res = (z[m:] * gt).sum(-1) - c * ((gt * gt).sum(-1) - (per - m))  # (M, batch)
+    return (top + res).detach(), y.detach()

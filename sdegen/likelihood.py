@@ -28,6 +28,7 @@ See ``docs/likelihood.md`` for the derivations, including the bits/dim conventio
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +37,9 @@ import torch
 from torch import Tensor
 
 from ._batching import batch_noise, chunk_noise, chunks, select_model
-from .divergence import divergence_exact, divergence_hutchinson
+from ._utils import bcast
+from .divergence import divergence_exact, hutchinson_estimates, hutchpp_estimates
+from .divergence import exact_mode as resolve_exact_mode
 from .equation import EquationBase, rms_norm
 from .errors import NotDifferentiableError
 from .grids import make_grid
@@ -55,11 +58,17 @@ __all__ = [
     "decode",
     "LikelihoodInfo",
     "AugmentedFlow",
+    "TimeVariable",
+    "TimeChange",
+    "resolve_time_variable",
     "NotDifferentiableError",
 ]
 
-TRACES = ("exact", "hutchinson")
+TRACES = ("exact", "hutchinson", "hutch++")
 PROBE_DISTRIBUTIONS = ("rademacher", "gaussian")
+TIME_VARIABLES = ("auto", "t", "sigma", "log_sigma", "logsnr")
+AUTO_TIME_VARIABLE = "log_sigma"
+HUTCHPP_DEFAULT_PROBES = 9
 DEFAULT_SOLVER = "rk45"
 
 
@@ -80,6 +89,13 @@ class LikelihoodInfo:
         delta_logp: ``∫ ∇·F dt`` ``(batch,)`` nats (None for encode/decode).
         solver: the solver's name.
         bpd_draws: ``(repeats, batch)`` bits/dim of each dequantisation draw (bits_per_dim only).
+        trace_se: ``(batch,)`` standard error (nats) of each sample's log-likelihood from the stochastic trace:
+            the spread of the per-probe (Hutch++: per-residual-probe) integrals over ``sqrt(K)``; zeros for
+            the exact trace, None with a single probe (no spread to measure). For bits/dim: of the mean over
+            the draws.
+        bpd_se: ``trace_se`` in bits/dim (bits_per_dim only).
+        time_variable: the variable the ODE was integrated in (``"t"``, ``"log_sigma"``, ...).
+        seconds: wall time of the solves (all chunks and draws); per sample ``seconds / batch``.
     """
 
     nfe: int
@@ -91,69 +107,282 @@ class LikelihoodInfo:
     delta_logp: Tensor | None
     solver: str
     bpd_draws: Tensor | None = None
+    trace_se: Tensor | None = None
+    bpd_se: Tensor | None = None
+    time_variable: str = "t"
+    seconds: float = 0.0
+
+
+class TimeVariable:
+    """A monotone change of integration variable ``u = u(t)`` for the probability-flow ODE.
+
+    The ODE ``dy/dt = G(y, t)`` (``y = [x, Δ]``) becomes ``dy/du = G(y, t(u)) · dt/du``: the Δ column
+    transforms with the state, so ``Δ(u_end)`` is the same integral ``∫ ∇·F dt``. Variables of an affine SDE
+    (:class:`~sdegen.LinearSDE`, ``σ = s/m``):
+
+    ========== ===================== ===================================================
+    name       ``u``                 ``dt/du``
+    ========== ===================== ===================================================
+    ``"t"``    ``t``                 1
+    ``"sigma"`` ``σ(t)``              ``2 s m / g²``    (from ``dσ²/dt = g²/m²``)
+    ``"log_sigma"`` ``log σ(t)``     ``2 s² / g²``
+    ``"logsnr"`` ``−2 log σ(t)``     ``−s² / g²``      (decreasing in ``t``; same steps as ``log_sigma``)
+    ========== ===================== ===================================================
+
+    In ``log σ`` the drift of a VP-type SDE is ``F dt/du = −s² (x + ∇log p)``: the schedule ``β(t)`` drops
+    out, so piecewise schedules (:class:`~sdegen.DiscreteVPSDE`) give a smooth ODE. ``t(u)`` comes from the
+    SDE's :meth:`~sdegen.LinearSDE.t_from_sigma`; at the two ends the exact ``t_min``/``t_max`` are used and
+    ``t`` is clamped to them, so the model never sees a time outside the interval.
+
+    Args:
+        name: one of ``"t"``, ``"sigma"``, ``"log_sigma"``, ``"logsnr"``.
+        sde: the forward SDE (a :class:`~sdegen.LinearSDE` for all but ``"t"``).
+        t0, t1: the integration interval in ``t`` (``t0 < t1``).
+
+    Raises ``ValueError`` when ``σ`` is not finite, positive and increasing on ``[t0, t1]`` (e.g. ``m = 0`` at
+    ``t1``, as for rectified flow at ``t = 1``), when ``g(t) = 0`` inside, or when the SDE's ``g`` is not
+    consistent with its ``marginal`` (``d log σ/dt ≠ g²/(2 s²)``); :func:`resolve_time_variable` falls back to
+    ``"t"`` in those cases for ``"auto"``.
+    """
+
+    def __init__(self, name: str, sde: SDE | None, t0: float, t1: float):
+        if name not in TIME_VARIABLES or name == "auto":
+            raise ValueError(f"time_variable must be one of {TIME_VARIABLES}, got {name!r}")
+        self.name, self.sde, self.t0, self.t1 = name, sde, float(t0), float(t1)
+        if name != "t":
+            problem = _variable_problem(sde, name, self.t0, self.t1)
+            if problem:
+                raise ValueError(f"time_variable={name!r} cannot be used here: {problem}; use time_variable='t'")
+        ends = self.of_t(torch.tensor([self.t0, self.t1], dtype=torch.float64))
+        self.u0, self.u1 = float(ends[0]), float(ends[1])
+
+    @property
+    def identity(self) -> bool:
+        return self.name == "t"
+
+    def of_t(self, t: Tensor) -> Tensor:
+        """``u(t)`` (float64, shaped like ``t``)."""
+        t = t.to(torch.float64)
+        if self.name == "t":
+            return t
+        sigma = self.sde.sigma(t).to(torch.float64)  # type: ignore[union-attr]
+        if self.name == "sigma":
+            return sigma
+        return torch.log(sigma) if self.name == "log_sigma" else -2.0 * torch.log(sigma)
+
+    def time_and_rate(self, u: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The model time ``t(u)`` (dtype of ``u``) and ``dt/du`` (float64; None for ``"t"``)."""
+        if self.name == "t":
+            return u, None
+        uu = u.to(torch.float64)
+        sigma = uu if self.name == "sigma" else torch.exp(uu if self.name == "log_sigma" else -0.5 * uu)
+        t = self.sde.t_from_sigma(sigma).to(device=u.device, dtype=torch.float64)  # type: ignore[union-attr]
+        # the exact interval ends (u arrives clamped to them and cast to the time dtype), and never outside
+        t = torch.where(u == torch.tensor(self.u1, dtype=u.dtype), self.t1, t)
+        t = torch.where(u == torch.tensor(self.u0, dtype=u.dtype), self.t0, t).clamp(self.t0, self.t1)
+        m, s = self.sde.marginal(t)  # type: ignore[union-attr]
+        g2 = self.sde.diffusion_coef(t).to(torch.float64) ** 2  # type: ignore[union-attr]
+        s = s.to(torch.float64)
+        if self.name == "log_sigma":
+            rate = 2.0 * s * s / g2
+        elif self.name == "logsnr":
+            rate = -s * s / g2
+        else:
+            rate = 2.0 * s * m.to(torch.float64) / g2
+        return t.to(u.dtype), rate
+
+    def __repr__(self) -> str:
+        return f"TimeVariable({self.name!r}, u in [{self.u0:.6g}, {self.u1:.6g}])"
+
+
+def _variable_problem(sde: Any, name: str, t0: float, t1: float) -> str:
+    """Why ``name`` cannot be the integration variable of ``sde`` on ``[t0, t1]`` ('' when it can)."""
+    if not isinstance(sde, LinearSDE) or sde.state_dependent:
+        return f"it needs an affine SDE (a LinearSDE with additive noise), got {type(sde).__name__}"
+    # interior check points (golden-ratio fractions: away from the nodes of a discrete schedule)
+    frac = torch.tensor([0.0, 0.2360679775, 0.3819660113, 0.6180339887, 0.8541019662, 1.0], dtype=torch.float64)
+    ts = t0 + (t1 - t0) * frac
+    try:
+        with torch.enable_grad():
+            tg = ts.clone().requires_grad_(True)
+            sigma = sde.sigma(tg).to(torch.float64)
+            (dlog,) = torch.autograd.grad(torch.log(sigma).sum(), tg)
+        sigma = sigma.detach()
+        m, s = sde.marginal(ts)
+        g2 = sde.diffusion_coef(ts).to(torch.float64) ** 2
+        back = sde.t_from_sigma(sigma)
+    except Exception as err:  # noqa: BLE001 - any failure means: not usable, say why
+        return f"evaluating sigma/t_from_sigma/marginal failed ({type(err).__name__}: {err})"
+    if not (torch.isfinite(sigma).all() and (sigma > 0).all()):
+        return (
+            f"sigma = s/m is not finite and positive on [t_min, t_max] = [{t0:g}, {t1:g}] (m = 0 at an end, "
+            "e.g. an interpolant at t = 1); lower t_max"
+        )
+    if not (sigma[1:] > sigma[:-1]).all():
+        return "sigma(t) is not increasing on [t_min, t_max]"
+    inner = slice(1, -1)
+    if not (torch.isfinite(g2[inner]).all() and (g2[inner] > 0).all()):
+        return "g(t) is zero or not finite inside the interval"
+    want = g2[inner] / (2.0 * s.to(torch.float64)[inner] ** 2)
+    if not torch.allclose(dlog[inner], want, rtol=1e-4, atol=0.0):
+        return "the SDE's diffusion g(t) is not consistent with its marginal (d log sigma/dt != g^2 / (2 s^2))"
+    if not torch.allclose(back.to(torch.float64), ts, rtol=1e-6, atol=1e-9 * max(1.0, abs(t1))):
+        return "t_from_sigma is not the inverse of sigma"
+    return ""
+
+
+def resolve_time_variable(name: str, sde: SDE, t0: float, t1: float, *, adaptive: bool = True) -> TimeVariable:
+    """The :class:`TimeVariable` for the option ``time_variable=name``.
+
+    ``"auto"``: ``"log_sigma"`` for adaptive solvers when the SDE allows it (measured to need the fewest
+    evaluations at equal error on every benchmark problem, ``docs/likelihood.md``), else ``"t"`` — for SDEs
+    that are not affine, for ``m = 0`` at an end, and for fixed-step solvers (whose grid is chosen in ``t``).
+    """
+    if name not in TIME_VARIABLES:
+        raise ValueError(f"time_variable must be one of {TIME_VARIABLES}, got {name!r}")
+    if name == "auto":
+        name = AUTO_TIME_VARIABLE if adaptive and not _variable_problem(sde, AUTO_TIME_VARIABLE, t0, t1) else "t"
+    return TimeVariable(name, sde, t0, t1)
+
+
+class TimeChange(EquationBase):
+    """An ODE ``dy/dt = G(y, t)`` integrated in ``u``: ``dy/du = G(y, t(u)) · dt/du`` (:class:`TimeVariable`).
+
+    Wraps any ODE :class:`~sdegen.equation.Equation` (the likelihood's :class:`AugmentedFlow`, the
+    probability-flow ODE of :func:`encode`/:func:`decode`); counting, non-finite tracking, the error norm and
+    the sample selection are the wrapped equation's.
+    """
+
+    is_ode = True
+
+    def __init__(self, eq: Any, variable: TimeVariable):
+        super().__init__()
+        self.eq, self.variable = eq, variable
+
+    @property
+    def nfe(self) -> int:  # type: ignore[override]
+        return self.eq.nfe
+
+    @nfe.setter
+    def nfe(self, value: int) -> None:  # EquationBase.__init__ sets it; the count is the wrapped equation's
+        pass
+
+    def nonfinite_evaluation(self) -> Tensor | None:
+        return self.eq.nonfinite_evaluation()
+
+    def select_samples(self, index: Tensor | None, batch: int) -> None:
+        self.eq.select_samples(index, batch)
+
+    def error_norm(self, e: Tensor) -> Tensor:
+        return self.eq.error_norm(e)
+
+    def diffusion(self, x: Tensor, t: Tensor) -> Tensor:
+        return torch.zeros((), device=x.device, dtype=x.dtype)
+
+    def drift(self, y: Tensor, u: Tensor) -> Tensor:
+        t, rate = self.variable.time_and_rate(u)
+        out = self.eq.drift(y, t)
+        return out if rate is None else out * bcast(rate.to(out.dtype), out)
+
+    def __repr__(self) -> str:
+        return f"TimeChange({self.eq!r}, {self.variable!r})"
 
 
 class AugmentedFlow(EquationBase):
     """The probability-flow ODE augmented with the log-density change, as an :class:`~sdegen.equation.Equation`.
 
-    The state is ``(batch, D + 1)``: the flattened ``x`` and ``Δ``; the drift is ``[F(x, t), ∇·F(x, t)]``.
+    The state is ``(batch, D + C)``: the flattened ``x`` and ``C`` columns of ``Δ``; the drift is
+    ``[F(x, t), ∇·F(x, t)]`` with the divergence exact (``C = 1``), or one column per Hutchinson probe, or one
+    per Hutch++ residual probe (their mean is the estimate, their spread its standard error).
 
     Args:
         flow: the probability-flow ODE (a :class:`~sdegen.ReverseSDE` with ``noise_scale=0``).
         dims: the per-sample shape of ``x``.
-        probes: ``(batch, K, *dims)`` Hutchinson probes, or None for the exact trace.
-        chunk_size: basis vectors per batched VJP of the exact trace.
+        probes: ``(batch, K, *dims)`` Hutchinson probes (Hutch++: residual probes), or None for the exact trace.
+        chunk_size: products per batched backward pass (exact trace: basis vectors; else probes).
+        sketch: ``(batch, m, *dims)`` Hutch++ sketch vectors (with ``probes``), or None.
+        exact_mode: how the exact trace takes its products (:func:`sdegen.divergence.exact_mode`).
 
-    Its error norm is ``max(RMS over x, |error of Δ|)``: adaptive solvers hold the log-density to the
-    tolerance too. ``nfe`` counts the flow's network evaluations.
+    Its error norm is ``max(RMS over x, RMS over the Δ columns)``: adaptive solvers hold the log-density to
+    the tolerance too. ``nfe`` counts its evaluations (one network evaluation and its products each).
     """
 
     is_ode = True
 
-    def __init__(self, flow: ReverseSDE, dims: tuple[int, ...], probes: Tensor | None, chunk_size: int | None):
+    def __init__(
+        self,
+        flow: ReverseSDE,
+        dims: tuple[int, ...],
+        probes: Tensor | None = None,
+        chunk_size: int | None = None,
+        *,
+        sketch: Tensor | None = None,
+        exact_mode: str = "auto",
+    ):
+        super().__init__()
         if not flow.is_ode:
             raise ValueError("AugmentedFlow needs the probability-flow ODE (noise_scale=0)")
+        if sketch is not None and probes is None:
+            raise ValueError("a Hutch++ sketch needs residual probes too")
         self.flow = flow
         self.dims = tuple(dims)
         self.d = math.prod(self.dims)
-        self._probes_all = probes
-        self.probes = probes
+        self._all = (probes, sketch)
+        self.probes, self.sketch = probes, sketch
         self.chunk_size = chunk_size
-
-    @property
-    def nfe(self) -> int:  # type: ignore[override]
-        return self.flow.nfe
-
-    def nonfinite_evaluation(self) -> Tensor | None:
-        return self.flow.nonfinite_evaluation()
+        self.exact_mode = exact_mode
+        self.columns = 1 if probes is None else probes.shape[1]
+        self._checked = False  # forward mode: the model's autograd graph to x was checked once
 
     def select_samples(self, index: Tensor | None, batch: int) -> None:
         self.flow.select_samples(index, batch)
-        self.probes = self._probes_all if index is None or self._probes_all is None else self._probes_all[index]
+        self.probes, self.sketch = (v if index is None or v is None else v[index] for v in self._all)
 
     def error_norm(self, e: Tensor) -> Tensor:
-        return torch.maximum(rms_norm(e[:, : self.d]), e[:, self.d].abs())
+        return torch.maximum(rms_norm(e[:, : self.d]), rms_norm(e[:, self.d :]))
 
     def diffusion(self, x: Tensor, t: Tensor) -> Tensor:
         return torch.zeros((), device=x.device, dtype=x.dtype)
 
-    def _field(self, t: Tensor) -> Callable[[Tensor], Tensor]:
-        def field(z: Tensor) -> Tensor:
-            return self.flow.drift(z, t, differentiable=True)
-
-        return field
-
     def drift(self, y: Tensor, t: Tensor) -> Tensor:
         n = y.shape[0]
         xs = y[:, : self.d].reshape(n, *self.dims)
+
+        def field(z: Tensor) -> Tensor:
+            return self.flow.drift(z, t, differentiable=True)
+
         if self.probes is None:
-            div, fx = divergence_exact(self._field(t), xs, chunk_size=self.chunk_size)
+            mode = resolve_exact_mode(self.exact_mode, xs.device)
+            if mode == "jvp":  # torch.func transforms hide requires_grad: check the graph to x once, then go
+                if not self._checked:
+                    with torch.enable_grad():
+                        field(xs.detach().requires_grad_(True))
+                    self._checked = True
+
+                def field(z: Tensor) -> Tensor:  # noqa: F811 - the forward-mode field
+                    return self.flow.drift(z, t)
+
+            div, fx = divergence_exact(field, xs, chunk_size=self.chunk_size, mode=mode)
+            cols = div.reshape(n, 1)
+        elif self.sketch is None:
+            est, fx = hutchinson_estimates(field, xs, self.probes.transpose(0, 1), chunk_size=self.chunk_size)
+            cols = est.T
         else:
-            div, fx = divergence_hutchinson(self._field(t), xs, self.probes.transpose(0, 1))
-        return torch.cat([fx.reshape(n, self.d), div.reshape(n, 1).to(fx.dtype)], dim=1)
+            est, fx = hutchpp_estimates(
+                field, xs, self.sketch.transpose(0, 1), self.probes.transpose(0, 1), chunk_size=self.chunk_size
+            )
+            cols = est.T
+        out = torch.cat([fx.reshape(n, self.d), cols.to(fx.dtype)], dim=1)
+        self.record_evaluation(out)
+        return out
 
     def __repr__(self) -> str:
-        trace = "exact" if self.probes is None else f"hutchinson({self.probes.shape[1]})"
+        if self.probes is None:
+            trace = "exact"
+        elif self.sketch is None:
+            trace = f"hutchinson({self.probes.shape[1]})"
+        else:
+            trace = f"hutch++(sketch {self.sketch.shape[1]}, probes {self.probes.shape[1]})"
         return f"AugmentedFlow({self.flow!r}, trace={trace})"
 
 
@@ -177,8 +406,12 @@ def _check_autograd() -> None:
         )
 
 
+def _is_adaptive(solver: Solver) -> bool:
+    return isinstance(solver, AdaptiveSolver) or (isinstance(solver, PathSolver) and getattr(solver, "adaptive", False))
+
+
 def _times(sde: SDE, solver: Solver, t_from: float, t_to: float, steps: Any, grid: Any, entry: str) -> Tensor:
-    """The times to integrate over: the two ends (adaptive), or a grid of ``steps`` (fixed-step)."""
+    """The times to integrate over, in ``t``: the two ends (adaptive), or a grid of ``steps`` (fixed-step)."""
     fixed_backend = isinstance(solver, PathSolver) and not getattr(solver, "adaptive", True)
     needs_grid = not isinstance(solver, AdaptiveSolver | PathSolver) or fixed_backend
     if steps is None:
@@ -207,6 +440,12 @@ def _check_solver_on(solver: Solver, eq: Any, entry: str) -> None:
         ) from None
 
 
+def _positive_int(name: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    return v
+
+
 def _options(
     sde,
     score,
@@ -222,6 +461,8 @@ def _options(
     solver_options,
     steps,
     grid,
+    time_variable,
+    exact_mode_,
     entry,
 ) -> dict[str, Any]:
     if not isinstance(sde, SDE):
@@ -233,10 +474,22 @@ def _options(
         raise ValueError(f"trace must be one of {TRACES}, got {trace!r}")
     if probe_distribution not in PROBE_DISTRIBUTIONS:
         raise ValueError(f"probe_distribution must be one of {PROBE_DISTRIBUTIONS}, got {probe_distribution!r}")
-    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
-        raise ValueError(f"probes must be an int >= 1, got {probes!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if probes is None:
+        probes = HUTCHPP_DEFAULT_PROBES if trace == "hutch++" else 1
+    probes = _positive_int("probes", probes)
+    d = math.prod(x.shape[1:])
+    sketch = 0
+    if trace == "hutch++":
+        if probes < 3:
+            raise ValueError(
+                f"trace='hutch++' needs probes >= 3 (products per evaluation: a sketch of probes // 3 vectors, "
+                f"as many for its basis, the rest residual probes), got probes={probes}"
+            )
+        sketch = min(probes // 3, d)
+        probes -= 2 * sketch
+    if chunk_size is not None:
+        _positive_int("chunk_size", chunk_size)
+    resolve_exact_mode(exact_mode_, x.device)  # validates the name
     t0, t1 = _interval(sde, t_min, t_max)
     if prior_log_prob is None:
         if not isinstance(sde, LinearSDE):
@@ -248,16 +501,19 @@ def _options(
     elif not callable(prior_log_prob):
         raise TypeError("prior_log_prob must be a callable z -> (batch,) log-density")
     slv = resolve_solver(solver, solver_options, entry, _LIKELIHOOD_PARAMS)
+    times = _times(sde, slv, t0, t1, steps, grid, entry)
+    variable = resolve_time_variable(time_variable, sde, t0, t1, adaptive=_is_adaptive(slv))
     return dict(
         trace=trace,
         probes=probes,
+        sketch=sketch,
         probe_distribution=probe_distribution,
-        t0=t0,
-        t1=t1,
         prior=prior_log_prob,
         chunk_size=chunk_size,
         solver=slv,
-        times=_times(sde, slv, t0, t1, steps, grid, entry),
+        times=variable.of_t(times),
+        variable=variable,
+        exact_mode=exact_mode_,
     )
 
 
@@ -268,6 +524,8 @@ _LIKELIHOOD_PARAMS = (
     "solver",
     "steps",
     "grid",
+    "time_variable",
+    "exact_mode",
     "t_min",
     "t_max",
     "prior_log_prob",
@@ -297,40 +555,53 @@ def _ll_chunk(
     *,
     trace: str,
     probes: int,
+    sketch: int,
     probe_distribution: str,
-    t0: float,
-    t1: float,
     prior: Callable[[Tensor], Tensor],
     chunk_size: int | None,
     solver: Solver,
     times: Tensor,
-    progress: bool,
+    variable: TimeVariable,
+    exact_mode: str,
+    progress: bool | None,
 ) -> tuple[Tensor, LikelihoodInfo]:
     """Log-likelihood of one chunk (validated arguments)."""
+    start = time.perf_counter()
     batch, dims = x.shape[0], tuple(x.shape[1:])
     d = math.prod(dims)
     with torch.no_grad():
         x = x.clone() if x.is_inference() else x.detach()
-        eps = None
-        if trace == "hutchinson":
-            template = x.new_empty((batch, probes, *dims))  # batch first: per-sample noise keys on dim 0
-            eps = (
-                rademacher_like(noise, template) if probe_distribution == "rademacher" else normal_like(noise, template)
-            )
-        eq = AugmentedFlow(ReverseSDE(sde, score, 0.0, model_kwargs=model_kwargs), dims, eps, chunk_size)
+        eps = sk = None
+        if trace != "exact":
+            draw = rademacher_like if probe_distribution == "rademacher" else normal_like
+            # batch first: per-sample noise keys on dim 0; the sketch is drawn before the probes
+            if trace == "hutch++":
+                sk = draw(noise, x.new_empty((batch, sketch, *dims)))
+            eps = draw(noise, x.new_empty((batch, probes, *dims)))
+        flow = ReverseSDE(sde, score, 0.0, model_kwargs=model_kwargs)
+        aug = AugmentedFlow(flow, dims, eps, chunk_size, sketch=sk, exact_mode=exact_mode)
+        eq: Any = aug if variable.identity else TimeChange(aug, variable)
         _check_solver_on(solver, eq, "log_likelihood")
-        y0 = torch.cat([x.reshape(batch, d), x.new_zeros(batch, 1)], dim=1)
+        y0 = torch.cat([x.reshape(batch, d), x.new_zeros(batch, aug.columns)], dim=1)
         sol = integrate(eq, y0, times, solver, None, progress=progress)
         latent = sol.x[:, :d].reshape(x.shape)
-        delta = sol.x[:, d]
+        cols = sol.x[:, d:]
+        delta = cols.mean(1)
+        if trace == "exact":
+            se = torch.zeros_like(delta)
+        else:
+            se = cols.std(1) / math.sqrt(cols.shape[1]) if cols.shape[1] > 1 else None
         prior_logp = prior(latent)
         if not isinstance(prior_logp, Tensor) or prior_logp.shape != (batch,):
             raise ValueError(f"prior_log_prob must return a tensor of shape (batch,)={(batch,)}")
         ll = prior_logp.to(delta.dtype) + delta
-    return ll, _info(sol, latent, prior_logp, delta, solver)
+    info = _info(sol, latent, prior_logp, delta, solver, variable)
+    info.trace_se = se
+    info.seconds = time.perf_counter() - start
+    return ll, info
 
 
-def _info(sol: Solution, latent, prior_logp, delta, solver: Solver) -> LikelihoodInfo:
+def _info(sol: Solution, latent, prior_logp, delta, solver: Solver, variable: TimeVariable) -> LikelihoodInfo:
     return LikelihoodInfo(
         nfe=sol.nfe,
         network_calls=sol.network_calls,
@@ -340,6 +611,7 @@ def _info(sol: Solution, latent, prior_logp, delta, solver: Solver) -> Likelihoo
         prior_logp=prior_logp,
         delta_logp=delta,
         solver=solver.name,
+        time_variable=variable.name,
     )
 
 
@@ -363,10 +635,14 @@ def _merge(infos: list[LikelihoodInfo]) -> LikelihoodInfo:
         delta_logp=cat("delta_logp"),
         solver=infos[0].solver,
         bpd_draws=cat("bpd_draws"),
+        trace_se=cat("trace_se"),
+        bpd_se=cat("bpd_se"),
+        time_variable=infos[0].time_variable,
+        seconds=sum(i.seconds for i in infos),
     )
 
 
-def _empty(x: Tensor, solver: Solver) -> LikelihoodInfo:
+def _empty(x: Tensor, solver: Solver, variable: str = "t") -> LikelihoodInfo:
     z = torch.zeros(0, dtype=x.dtype, device=x.device)
     return LikelihoodInfo(
         nfe=0,
@@ -377,6 +653,7 @@ def _empty(x: Tensor, solver: Solver) -> LikelihoodInfo:
         prior_logp=z,
         delta_logp=z,
         solver=solver.name,
+        time_variable=variable,
     )
 
 
@@ -387,11 +664,13 @@ def log_likelihood(
     x: Tensor,
     *,
     trace: str = "exact",
-    probes: int = 1,
+    probes: int | None = None,
     probe_distribution: str = "rademacher",
     solver: str | Solver = DEFAULT_SOLVER,
     steps: int | None = None,
     grid: str | None = None,
+    time_variable: str = "auto",
+    exact_mode: str = "auto",
     t_min: float = 1e-5,
     t_max: float | None = None,
     prior_log_prob: Callable[[Tensor], Tensor] | None = None,
@@ -409,42 +688,60 @@ def log_likelihood(
     """``log p_{t_min}(x)`` per sample, in nats, by the probability-flow ODE.
 
     Integrates ``[x, Δ]`` with ``dx/dt = F(x, t)`` (the probability-flow drift of ``sde`` under
-    ``score``) and ``dΔ/dt = ∇·F`` from ``t_min`` to ``t_max`` and returns
-    ``prior_log_prob(x(t_max)) + Δ(t_max)`` (Song et al. 2021, eq. 39).
+    ``score``) and ``dΔ/dt = ∇·F`` from ``t_min`` to ``t_max`` — in the variable ``time_variable`` — and
+    returns ``prior_log_prob(x(t_max)) + Δ(t_max)`` (Song et al. 2021, eq. 39).
 
     Args:
         sde: the forward SDE (any :class:`~sdegen.SDE`; without ``prior_log_prob`` it needs a prior).
         score: ``score(x, t) -> ∇ log p_t(x)``; must be differentiable in ``x`` (autograd), else
             :class:`NotDifferentiableError`.
         x: data ``(batch, *dims)``, finite, floating point (float64 for tight checks).
-        trace: ``"exact"`` (``D`` batched vector–Jacobian products per evaluation, chunked by
-            ``chunk_size``; no variance) or ``"hutchinson"`` (one batched VJP with ``probes`` probes).
-        probes: Hutchinson probes per sample (``>= 1``), averaged; drawn once per solve.
+        trace: ``"exact"`` (default: ``D`` vector–Jacobian products per evaluation, chunked by
+            ``chunk_size``; no variance), ``"hutchinson"`` (``probes`` products, default 1) or
+            ``"hutch++"`` (Hutch++, ``probes`` products per evaluation, default 9: a sketch of
+            ``probes // 3`` vectors, as many for its basis, the rest residual probes). The stochastic
+            traces are unbiased; with two or more (residual) probes ``info.trace_se`` holds each sample's
+            standard error.
+        probes: products per evaluation of a stochastic trace (``>= 1``; Hutch++ ``>= 3``); drawn once per
+            solve and held fixed along the path.
         probe_distribution: ``"rademacher"`` (lower variance) or ``"gaussian"``.
         solver: a name or a :class:`~sdegen.solvers.Solver` instance. ``"rk45"`` (default), ``"tsit5"``,
             ``"bosh3"``: adaptive, each sample on its own steps, so its value does not depend on its
             batch-mates (``rtol``, ``atol`` default 1e-5, Song et al. 2021; ``shared_steps=True`` for one step
             size per batch). Fixed-step solvers (``"heun"``, ``"euler_maruyama"``) need ``steps=``.
-            ``"torchdiffeq:<method>"``: torchdiffeq's loop (fixed-grid methods need ``steps=``).
+            ``"torchdiffeq:<method>"``: torchdiffeq's loop (fixed-grid methods need ``steps=`` or
+            ``step_size=``, in units of the time variable).
         steps, grid: the time grid of a fixed-step solver (``grid`` default the solver's; uniform for
-            torchdiffeq); adaptive solvers take neither.
+            torchdiffeq), chosen in ``t``; adaptive solvers take neither.
+        time_variable: the variable the ODE is integrated in (:class:`TimeVariable`): ``"auto"`` (default:
+            ``"log_sigma"`` for adaptive solvers on affine SDEs with ``σ`` finite on the interval, else
+            ``"t"``), ``"t"``, ``"sigma"``, ``"log_sigma"``, ``"logsnr"``. The result is the same integral;
+            the number of steps differs (``docs/likelihood.md``).
+        exact_mode: how the exact trace takes its ``D`` products: ``"auto"`` (the fastest measured for the
+            device), ``"vjp"``, ``"vjp_loop"``, ``"jvp"`` (:func:`sdegen.divergence.exact_mode`).
         t_min: start time (default 1e-5, as Song et al. 2021 for likelihoods); ``0 < t_min < t_max``.
         t_max: end time (default ``sde.T``); below ``T`` the default prior is
             :meth:`~sdegen.LinearSDE.prior_std_at` ``(t_max)`` (exact only at ``T``).
         prior_log_prob: ``z -> log p(z)`` ``(batch,)`` nats at ``t_max`` (default the SDE's prior there);
             pass the exact ``p_T`` to isolate the solver error.
-        generator, seed, sample_ids: source of the Hutchinson probes (see :func:`sdegen.noise.make_noise`);
-            with ``seed=`` each sample's probes depend only on ``(seed, sample_id)``.
-        max_batch: solve at most this many samples at once. With ``trace="exact"`` or ``seed=`` the
-            result equals the unchunked one; with ``generator=`` the probes differ.
+        max_batch: solve at most this many samples at once (memory: with ``chunk_size`` it bounds the rows of
+            every backward pass to ``max_batch · chunk_size``). With ``trace="exact"`` or ``seed=`` the result
+            equals the unchunked one; with ``generator=`` the probes differ.
         model_kwargs: keyword arguments for ``score`` (tensors with a leading batch dimension follow
             the chunks and the active set).
-        chunk_size: basis vectors per batched VJP of the exact trace (memory bound).
-        progress: a tqdm progress bar over the solve (percent of ``[t_min, t_max]``), per chunk: True always,
-            None (default) once a chunk has run 2 s (if ``tqdm`` is installed), False never.
+        chunk_size: products per batched backward pass (exact trace: basis vectors; else probes): the memory
+            bound of one evaluation. Default: the exact trace keeps about 4M elements per pass, the
+            stochastic traces take all probes at once.
+        progress: a tqdm progress bar over each solve (percent of the interval of the time variable), per
+            chunk and dequantisation draw: True always, None (default) once a solve has run 2 s (if ``tqdm`` is
+            installed), False never.
+        generator, seed, sample_ids: source of the Hutchinson probes (see :func:`sdegen.noise.make_noise`);
+            with ``seed=`` each sample's probes depend only on ``(seed, sample_id)``.
         return_latent: also return the latent ``x(t_max)``.
-        return_info: also return a :class:`LikelihoodInfo` (NFE, steps, latent, prior and Δ terms).
-        **solver_options: options of a named solver (``rtol=``, ``atol=``, ``max_steps=``, ...).
+        return_info: also return a :class:`LikelihoodInfo` (NFE, steps, latent, prior and Δ terms, the
+            standard error of a stochastic trace, wall time).
+        **solver_options: options of a named solver (``rtol=``, ``atol=``, ``max_steps=``,
+            ``shared_steps=``, ...).
 
     Returns:
         ``ll`` ``(batch,)`` in nats (dtype of ``x``), then ``latent`` if ``return_latent``, then
@@ -466,6 +763,8 @@ def log_likelihood(
         solver_options,
         steps,
         grid,
+        time_variable,
+        exact_mode,
         "log_likelihood",
     )
     batch = x.shape[0]
@@ -480,7 +779,7 @@ def log_likelihood(
         lls.append(ll)
         infos.append(info)
     if not lls:
-        ll, info = x.new_zeros(0), _empty(x, opts["solver"])
+        ll, info = x.new_zeros(0), _empty(x, opts["solver"], opts["variable"].name)
     else:
         ll, info = torch.cat(lls), _merge(infos)
     out: tuple = (ll,)
@@ -523,11 +822,13 @@ def bits_per_dim(
     dequantize: bool = True,
     repeats: int = 1,
     trace: str = "exact",
-    probes: int = 1,
+    probes: int | None = None,
     probe_distribution: str = "rademacher",
     solver: str | Solver = DEFAULT_SOLVER,
     steps: int | None = None,
     grid: str | None = None,
+    time_variable: str = "auto",
+    exact_mode: str = "auto",
     t_min: float = 1e-5,
     t_max: float | None = None,
     prior_log_prob: Callable[[Tensor], Tensor] | None = None,
@@ -569,6 +870,11 @@ def bits_per_dim(
     ``info.bpd_draws``. ``dequantize=False`` evaluates at the bin centres (``u = 1/2``): a
     deterministic midpoint approximation, *not* a bound.
 
+    **Image scale.** For ``(B, 3, 32, 32)`` data (``D = 3072``) the exact trace costs 3,072 products per
+    evaluation; use ``trace="hutch++"`` or ``"hutchinson"`` with ``probes > 1`` and read the error bar
+    ``info.bpd_se``; bound memory with ``max_batch`` and ``chunk_size``, watch ``progress=True``, and read the
+    time per image as ``info.seconds / B`` (recipe in ``docs/likelihood.md``).
+
     Args:
         x: ``(batch, *dims)`` discrete data scaled to ``data_range``.
         n_bins: number of discrete levels per dimension (256 for 8-bit data).
@@ -578,6 +884,8 @@ def bits_per_dim(
         generator, seed, sample_ids: source of the dequantisation noise and Hutchinson probes; per
             chunk and repeat, ``u`` is drawn before the probes. ``seed=`` makes each sample's result
             independent of the batch and of ``max_batch``.
+        return_info: also return a :class:`LikelihoodInfo` (``bpd_draws``; ``bpd_se``, the standard error of
+            each sample's bits/dim from the stochastic trace; ``seconds``).
         other arguments: as :func:`log_likelihood`.
 
     Returns:
@@ -599,6 +907,8 @@ def bits_per_dim(
         solver_options,
         steps,
         grid,
+        time_variable,
+        exact_mode,
         "bits_per_dim",
     )
     offset = dequantization_offset(n_bins, data_range)
@@ -615,6 +925,7 @@ def bits_per_dim(
             f"and n_bins={n_bins}: check data_range and n_bins (data must be scaled, not dequantised)"
         )
     batch, d = x.shape[0], math.prod(x.shape[1:])
+    to_bits = 1.0 / (d * math.log(2.0))
     src = batch_noise(generator, seed, sample_ids, batch, x.device)
     model_kwargs = dict(model_kwargs or {})
     bpds, infos = [], []
@@ -627,20 +938,27 @@ def bits_per_dim(
             u = part_noise.uniform(tuple(kk.shape), device=x.device, dtype=torch.float64) if dequantize else 0.5
             y = (a + (b - a) * (kk + u) / n_bins).to(x.dtype)
             ll, info = _ll_chunk(sde, part_score, part_kwargs, y, part_noise, progress=progress, **opts)
-            draws.append(-ll / (d * math.log(2.0)) + offset)
+            draws.append(-ll * to_bits + offset)
             chunk_infos.append(info)
         draws_t = torch.stack(draws)
         info = chunk_infos[-1]
         info.nfe = sum(i.nfe for i in chunk_infos)
         info.network_calls = sum(i.network_calls for i in chunk_infos)
+        info.seconds = sum(i.seconds for i in chunk_infos)
         if info.accepted_steps is not None:
             info.accepted_steps = sum(i.accepted_steps for i in chunk_infos)
             info.rejected_steps = sum(i.rejected_steps for i in chunk_infos)
+        ses = [i.trace_se for i in chunk_infos]
+        if all(isinstance(v, Tensor) for v in ses):  # the mean over draws: sqrt(Σ se²) / R
+            info.trace_se = torch.stack(ses).pow(2).sum(0).sqrt() / repeats
+            info.bpd_se = info.trace_se * to_bits
+        else:
+            info.trace_se = info.bpd_se = None
         info.bpd_draws = draws_t
         bpds.append(draws_t.mean(0))
         infos.append(info)
     if not bpds:
-        empty = _empty(x, opts["solver"])
+        empty = _empty(x, opts["solver"], opts["variable"].name)
         empty.bpd_draws = x.new_zeros(repeats, 0)
         return (x.new_zeros(0), empty) if return_info else x.new_zeros(0)
     bpd = torch.cat(bpds)
@@ -657,6 +975,7 @@ def _flow(
     solver,
     steps,
     grid,
+    time_variable,
     max_batch,
     model_kwargs,
     progress,
@@ -671,24 +990,41 @@ def _flow(
         raise TypeError("score must be a callable score(x, t)")
     slv = resolve_solver(solver, solver_options, entry, _FLOW_PARAMS)
     times = _times(sde, slv, t_from, t_to, steps, grid, entry)
+    lo, hi = min(t_from, t_to), max(t_from, t_to)
+    variable = resolve_time_variable(time_variable, sde, lo, hi, adaptive=_is_adaptive(slv))
+    times = variable.of_t(times)
     model_kwargs = dict(model_kwargs or {})
     batch = x.shape[0]
     outs, infos = [], []
     with torch.no_grad():
         for sl in chunks(batch, max_batch):
+            start = time.perf_counter()
             part_score, part_kwargs = select_model(score, model_kwargs, batch, sl)
-            eq = ReverseSDE(sde, part_score, 0.0, model_kwargs=part_kwargs)
+            flow = ReverseSDE(sde, part_score, 0.0, model_kwargs=part_kwargs)
+            eq: Any = flow if variable.identity else TimeChange(flow, variable)
             _check_solver_on(slv, eq, entry)
             sol = integrate(eq, x[sl].detach(), times, slv, None, progress=progress)
             outs.append(sol.x)
-            infos.append(_info(sol, sol.x, None, None, slv))
+            infos.append(_info(sol, sol.x, None, None, slv, variable))
+            infos[-1].seconds = time.perf_counter() - start
     if not outs:
-        return (x.clone(), _empty(x, slv)) if return_info else x.clone()
+        return (x.clone(), _empty(x, slv, variable.name)) if return_info else x.clone()
     out = torch.cat(outs)
     return (out, _merge(infos)) if return_info else out
 
 
-_FLOW_PARAMS = ("solver", "steps", "grid", "t_min", "t_max", "max_batch", "model_kwargs", "progress", "return_info")
+_FLOW_PARAMS = (
+    "solver",
+    "steps",
+    "grid",
+    "time_variable",
+    "t_min",
+    "t_max",
+    "max_batch",
+    "model_kwargs",
+    "progress",
+    "return_info",
+)
 
 
 def encode(
@@ -699,6 +1035,7 @@ def encode(
     solver: str | Solver = DEFAULT_SOLVER,
     steps: int | None = None,
     grid: str | None = None,
+    time_variable: str = "auto",
     t_min: float = 1e-5,
     t_max: float | None = None,
     max_batch: int | None = None,
@@ -710,7 +1047,8 @@ def encode(
     """Probability-flow latent: integrate ``dx/dt = F(x, t)`` from ``t_min`` up to ``t_max`` (default ``T``).
 
     ``x`` ``(batch, *dims)`` data at ``t_min``; returns ``x(t_max)`` of the same shape (and info).
-    Options as :func:`log_likelihood`; :func:`decode` is its inverse up to the ODE tolerance.
+    Options as :func:`log_likelihood` (``time_variable`` too); :func:`decode` is its inverse up to the ODE
+    tolerance.
     """
     t0, t1 = _interval(sde, t_min, t_max)
     return _flow(
@@ -722,6 +1060,7 @@ def encode(
         solver=solver,
         steps=steps,
         grid=grid,
+        time_variable=time_variable,
         max_batch=max_batch,
         model_kwargs=model_kwargs,
         progress=progress,
@@ -740,6 +1079,7 @@ def decode(
     solver: str | Solver = DEFAULT_SOLVER,
     steps: int | None = None,
     grid: str | None = None,
+    time_variable: str = "auto",
     t_min: float = 1e-5,
     t_max: float | None = None,
     max_batch: int | None = None,
@@ -750,8 +1090,8 @@ def decode(
 ) -> Tensor | tuple[Tensor, LikelihoodInfo]:
     """Data from a probability-flow latent: integrate from ``t_max`` (default ``T``) down to ``t_min``.
 
-    The same computation as ``reverse_sample(sde, score, x_T=z, solver="rk45", noise_scale=0,
-    t_min=t_min)`` with these tolerances; the inverse of :func:`encode`.
+    With ``time_variable="t"`` this is the same computation as ``reverse_sample(sde, score, x_T=z,
+    solver="rk45", noise_scale=0, t_min=t_min)`` with these tolerances; the inverse of :func:`encode`.
     """
     t0, t1 = _interval(sde, t_min, t_max)
     return _flow(
@@ -763,6 +1103,7 @@ def decode(
         solver=solver,
         steps=steps,
         grid=grid,
+        time_variable=time_variable,
         max_batch=max_batch,
         model_kwargs=model_kwargs,
         progress=progress,
