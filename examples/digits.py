@@ -46,6 +46,7 @@ from sdegen.losses import dsm_loss
 OUT = Path(os.environ.get("SDEGEN_EXAMPLES_OUT", Path(__file__).parent / "out"))  # where figures go
 N_BINS = 17  # grey levels 0..16
 RANGE = (-1.0, 1.0)
+RTOL = 1e-4  # likelihood ODE tolerance (rtol = atol); see the docstring for why
 
 
 # -- data --------------------------------------------------------------------------------------------------
@@ -110,6 +111,20 @@ class EpsMLP(nn.Module):
         return self.out(h)
 
 
+def _bar(total: int, desc: str, unit: str = "it"):
+    """A tqdm progress bar (a no-op stand-in when tqdm is not installed)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is in the extras
+        class _NoBar:
+            def update(self, n: int = 1) -> None: ...
+            def set_postfix_str(self, s: str) -> None: ...
+            def close(self) -> None: ...
+
+        return _NoBar()
+    return tqdm(total=total, desc=desc, unit=unit)
+
+
 def train(sde, k_train: torch.Tensor, *, iters: int, batch: int, hidden: int, lr: float, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -119,7 +134,8 @@ def train(sde, k_train: torch.Tensor, *, iters: int, batch: int, hidden: int, lr
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=iters, pct_start=0.05)
     data = k_train.float()
-    t0, running = time.perf_counter(), None
+    running = None
+    bar = _bar(iters, "training")
     for it in range(iters):
         idx = torch.randint(0, data.shape[0], (batch,), generator=g)
         y = dequantise(data[idx], g)
@@ -134,8 +150,10 @@ def train(sde, k_train: torch.Tensor, *, iters: int, batch: int, hidden: int, lr
                 pe.lerp_(p, 1 - decay)
         val = float(loss.detach())
         running = val if running is None else 0.99 * running + 0.01 * val
-        if (it + 1) % max(1, iters // 5) == 0:
-            print(f"  iter {it + 1:6d}/{iters}  loss/dim {running:.4f}  ({time.perf_counter() - t0:.0f}s)", flush=True)
+        bar.update()
+        if (it + 1) % 50 == 0 or it + 1 == iters:
+            bar.set_postfix_str(f"loss/dim {running:.4f}")
+    bar.close()
     return ema.eval()
 
 
@@ -181,6 +199,24 @@ def save_grids(panels: dict[str, torch.Tensor], path: Path) -> None:
     plt.close(fig)
 
 
+# the likelihood configuration before issue 14 (kept for the comparison: --compare-old / --old-likelihood):
+# integrated in t, all 64 vector-Jacobian products of a chunk of 128 images in one batched backward, rtol 1e-5
+OLD_LIKELIHOOD = dict(time_variable="t", exact_mode="vjp", chunk_size=64, rtol=1e-5, atol=1e-5)
+
+
+def test_bits_per_dim(sde, score, x_test: torch.Tensor, options: dict, seed: int, label: str) -> dict:
+    """Test-set bits/dim with the exact trace; progress bars per chunk of 128 images."""
+    print(f"likelihood ({label}): {x_test.shape[0]} test images in chunks of 128, {options}", flush=True)
+    t0 = time.perf_counter()
+    bpd, info = bits_per_dim(sde, score, x_test, n_bins=N_BINS, data_range=RANGE, trace="exact", t_min=1e-5,
+                             seed=seed, max_batch=128, progress=True, return_info=True, **options)
+    seconds = time.perf_counter() - t0
+    n = x_test.shape[0]
+    return {"bpd": bpd, "mean": float(bpd.mean()), "se": float(bpd.std() / math.sqrt(n)), "seconds": seconds,
+            "seconds_per_image": seconds / n, "nfe_per_chunk": info.nfe / math.ceil(n / 128),
+            "time_variable": info.time_variable, "options": dict(options)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--iters", type=int, default=6000)
@@ -189,7 +225,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images only")
-    ap.add_argument("--rtol", type=float, default=1e-5, help="likelihood ODE rtol = atol (default 1e-5)")
+    ap.add_argument("--rtol", type=float, default=RTOL, help=f"likelihood ODE rtol = atol (default {RTOL:g})")
+    ap.add_argument("--old-likelihood", action="store_true",
+                    help="the likelihood configuration before issue 14 (t, rtol 1e-5, one batched backward per chunk)")
+    ap.add_argument("--compare-old", action="store_true",
+                    help="also run the old likelihood configuration and report both (time, NFE, bits/dim)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 200 iterations, 16 test images, rtol 1e-3")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch.set_num_threads (default 1: these small networks gain nothing from more threads, and "
@@ -215,7 +255,7 @@ def main() -> None:
     t0 = time.perf_counter()
     with torch.no_grad():
         sol = reverse_sample(sde, score, (64, 64), solver="euler_maruyama", steps=100 if args.quick else 1000,
-                             seed=args.seed, final_step="tweedie", return_info=True)
+                             seed=args.seed, final_step="tweedie", progress=True, return_info=True)
     sample_s = time.perf_counter() - t0
     OUT.mkdir(parents=True, exist_ok=True)
     save_grids({"64 test images (17 grey levels)": k_test[:64],
@@ -225,38 +265,52 @@ def main() -> None:
 
     # exact likelihood on the test split
     x_test = to_grid(k_test).float()
-    t0 = time.perf_counter()
-    bpd, info = bits_per_dim(sde, score, x_test, n_bins=N_BINS, data_range=RANGE, trace="exact",
-                             rtol=args.rtol, atol=args.rtol, t_min=1e-5, seed=args.seed, max_batch=128,
-                             return_info=True)
-    ll_s = time.perf_counter() - t0
+    new_options = dict(rtol=args.rtol, atol=args.rtol)  # everything else: the library's defaults
+    runs = {}
+    if args.old_likelihood:
+        runs["old"] = test_bits_per_dim(sde, score, x_test, OLD_LIKELIHOOD, args.seed, "before issue 14")
+    else:
+        runs["new"] = test_bits_per_dim(sde, score, x_test, new_options, args.seed, "sdegen defaults")
+        if args.compare_old:
+            runs["old"] = test_bits_per_dim(sde, score, x_test, OLD_LIKELIHOOD, args.seed, "before issue 14")
     n_test = x_test.shape[0]
-    nfe = info.nfe / math.ceil(n_test / 128)  # evaluations per chunk, averaged over chunks
-    model_bpd, model_se = float(bpd.mean()), float(bpd.std() / math.sqrt(n_test))
     uniform = math.log2(N_BINS)
     gauss = gaussian_bpd(k_train, k_test, args.seed)
 
-    rows = [
-        ("uniform over 17 levels", uniform, None, None),
-        ("Gaussian (full cov., fitted to dequantised train)", gauss, None, None),
-        (f"sdegen VP, ε-MLP, PF-ODE exact trace, rtol={args.rtol:g}", model_bpd, nfe, ll_s),
-    ]
-    print(f"\n{'model':54s} {'NLL test (bits/dim)':>20s} {'NFE':>6s} {'time':>7s}")
-    print("-" * 90)
-    for name, val, n_eval, sec in rows:
-        extra = f" ± {model_se:.3f}" if n_eval is not None else ""
-        nfe_s = f"{n_eval:6.0f}" if n_eval is not None else f"{'-':>6s}"
-        sec_s = f"{sec:6.0f}s" if sec is not None else f"{'-':>7s}"
-        print(f"{name:54s} {val:12.3f}{extra:>8s} {nfe_s} {sec_s}")
+    rows = [("uniform over 17 levels", uniform, None),
+            ("Gaussian (full cov., fitted to dequantised train)", gauss, None)]
+    for key, r in runs.items():
+        what = "before issue 14: t, rtol 1e-5" if key == "old" else f"{r['time_variable']}, rtol {args.rtol:g}"
+        rows.append((f"sdegen VP ε-MLP, exact trace ({what})", r["mean"], r))
+    print(f"\n{'model':58s} {'NLL test (bits/dim)':>20s} {'NFE':>6s} {'time':>7s} {'/image':>8s}")
+    print("-" * 104)
+    for name, val, r in rows:
+        if r is None:
+            print(f"{name:58s} {val:12.3f}")
+        else:
+            print(f"{name:58s} {val:12.3f} ± {r['se']:.3f} {r['nfe_per_chunk']:6.0f} {r['seconds']:6.0f}s "
+                  f"{r['seconds_per_image']:7.2f}s")
+    comparison = None
+    if "new" in runs and "old" in runs:
+        new, old = runs["new"], runs["old"]
+        diff = (new["bpd"] - old["bpd"]).abs()
+        comparison = {"time_ratio": new["seconds"] / old["seconds"], "bpd_difference": new["mean"] - old["mean"],
+                      "per_image_mean_abs_difference": float(diff.mean()),
+                      "per_image_max_abs_difference": float(diff.max()), "standard_error": old["se"]}
+        print(f"\nnew / old likelihood time: {comparison['time_ratio']:.2f}; bits/dim difference "
+              f"{comparison['bpd_difference']:+.4f} (standard error {old['se']:.3f}); per image mean |difference| "
+              f"{comparison['per_image_mean_abs_difference']:.1e}, "
+              f"max {comparison['per_image_max_abs_difference']:.1e}")
 
     results = {
         "command": "python examples/digits.py" + (" --quick" if args.quick else ""),
         "args": vars(args),
         "n_train": k_train.shape[0],
         "n_test": n_test,
-        "bits_per_dim": {"sdegen": model_bpd, "sdegen_se": model_se, "uniform": uniform, "gaussian": gauss},
-        "likelihood": {"trace": "exact", "solver": "rk45", "rtol": args.rtol, "atol": args.rtol, "t_min": 1e-5,
-                       "nfe_per_chunk": nfe, "seconds": ll_s},
+        "bits_per_dim": {"uniform": uniform, "gaussian": gauss}
+        | {f"sdegen_{k}": r["mean"] for k, r in runs.items()} | {f"sdegen_{k}_se": r["se"] for k, r in runs.items()},
+        "likelihood": {k: {key: v for key, v in r.items() if key != "bpd"} for k, r in runs.items()},
+        "comparison": comparison,
         "sampling": {"solver": "euler_maruyama", "nfe": sol.nfe, "seconds": sample_s},
         "train_seconds": train_s,
         "torch": torch.__version__,

@@ -16,7 +16,8 @@ vector-Jacobian product (VJP) with the same basis vector ``e_j`` in every sample
 
 ``"auto"`` picks the fastest measured for the device (:func:`exact_mode`; ``benchmarks/likelihood.py``
 and ``docs/likelihood.md`` hold the measurements). Memory is bounded by ``chunk_size`` rows of products at a
-time. Models whose backward cannot run under ``vmap`` (attention in diffusers UNets: "NYI: querying
+time; the default chunk depends on the device (about ``2**17`` elements per pass on CPU, ``2**22`` elsewhere).
+Models whose backward cannot run under ``vmap`` (attention in diffusers UNets: "NYI: querying
 is_contiguous inside of vmap") fall back to one product at a time, with the same values.
 
 **Stochastic traces.** :func:`hutchinson_estimates` gives Hutchinson's ``ε_kᵀ J ε_k`` for every probe
@@ -51,9 +52,12 @@ EXACT_MODES = ("auto", "vjp", "vjp_loop", "jvp")
 
 
 def _default_chunk(x: Tensor) -> int:
+    """Basis vectors per batched backward pass: ``chunk · numel(x)`` near ``2**17`` elements on CPU (measured
+    fastest there: larger batched passes lose to vmap overhead and cache misses, smaller ones to per-pass
+    overhead), ``2**22`` elsewhere; at least 1, at most ``D``."""
     per = math.prod(x.shape[1:])
-    # keep chunk * numel(x) around 2**22 elements, at least 1, at most D
-    return max(1, min(per, (1 << 22) // max(1, x.numel())))
+    budget = 1 << (17 if x.device.type == "cpu" else 22)
+    return max(1, min(per, budget // max(1, x.numel())))
 
 
 def _check_chunk(chunk_size: int | None) -> None:
@@ -64,15 +68,16 @@ def _check_chunk(chunk_size: int | None) -> None:
 def exact_mode(mode: str, device: torch.device | str) -> str:
     """The product mode ``"auto"`` resolves to on ``device`` (other modes are returned as given).
 
-    CPU: ``"vjp_loop"`` — measured fastest or tied on CPU for D = 2 to 64 (``benchmarks/likelihood.py``
-    ``--trace-modes``: the batched backward's ``vmap`` costs 1.0-2.5x a loop of backward passes, forward mode
-    1.1-5x). Other devices: ``"vjp"`` (one batched backward per chunk: few kernel launches).
+    ``"vjp"`` with the device's default chunk (about ``2**17`` elements per batched pass on CPU, ``2**22``
+    elsewhere). Measured on CPU (one thread,
+    ``python -m benchmarks.likelihood --only trace``): with about ``2**17`` elements per batched backward pass
+    it is as fast as a loop of single products (``"vjp_loop"``) for large batches and 2-4x faster for small
+    ones (fixed cost per backward pass), where one batched pass over all ``D`` rows is 2-3x slower for large
+    batches; forward mode (``"jvp"``) was 1.5-5x slower than both on every case.
     """
     if mode not in EXACT_MODES:
         raise ValueError(f"exact_mode must be one of {EXACT_MODES}, got {mode!r}")
-    if mode != "auto":
-        return mode
-    return "vjp_loop" if torch.device(device).type == "cpu" else "vjp"
+    return "vjp" if mode == "auto" else mode
 
 
 class _Products:
@@ -120,20 +125,15 @@ class _Products:
         return torch.cat(out)
 
 
-def _basis(per: int, start: int, stop: int, batch: int, shape: tuple, dtype, device) -> Tensor:
+def _basis(eye: Tensor, start: int, stop: int, batch: int, shape: tuple) -> Tensor:
     """Rows ``e_j`` for ``j in [start, stop)`` repeated over the batch: ``(stop - start, *shape)``."""
-    c = stop - start
-    g = torch.zeros(c, batch, per, dtype=dtype, device=device)
-    j = torch.arange(c, device=device)
-    g[j, :, start + j] = 1
-    return g.reshape(c, *shape)
+    return eye[start:stop, None, :].expand(stop - start, batch, eye.shape[0]).reshape(stop - start, *shape)
 
 
 def _pick(rows: Tensor, start: int, batch: int, per: int) -> Tensor:
     """From ``(c, batch, per)`` products of ``e_{start+j}``, the entries ``j``: ``(batch, c)``."""
     c = rows.shape[0]
-    j = torch.arange(c, device=rows.device)
-    return rows.reshape(c, batch, per)[j, :, start + j].T
+    return torch.diagonal(rows.reshape(c, batch, per)[:, :, start : start + c], dim1=0, dim2=2)
 
 
 def jacobian_diagonal(fn: Field, x: Tensor, *, chunk_size: int | None = None, mode: str = "auto") -> Tensor:
@@ -163,9 +163,10 @@ def _diagonal_and_value(fn: Field, x: Tensor, chunk_size: int | None, mode: str)
         products = _Products(fn, x, batched=mode == "vjp")
         y = products.y
         diag = torch.empty(batch, per, device=x.device, dtype=y.dtype)
+        eye = torch.eye(per, device=x.device, dtype=y.dtype)
         for start in range(0, per, chunk):
             stop = min(per, start + chunk)
-            grads = _basis(per, start, stop, batch, tuple(x.shape), y.dtype, x.device)
+            grads = _basis(eye, start, stop, batch, tuple(x.shape))
             rows = products(grads, retain_graph=stop < per)  # row j = e_jᵀ J for every sample
             diag[:, start:stop] = _pick(rows, start, batch, per)
     return diag.reshape(x.shape).detach(), y.detach()
@@ -179,10 +180,11 @@ def _diagonal_jvp(fn: Field, x: Tensor, chunk_size: int | None) -> tuple[Tensor,
     chunk = chunk_size or _default_chunk(x)
     xd = x.detach()
     diag = torch.empty(batch, per, device=x.device, dtype=x.dtype)
+    eye = torch.eye(per, device=x.device, dtype=x.dtype)
     y = None
     for start in range(0, per, chunk):
         stop = min(per, start + chunk)
-        tangents = _basis(per, start, stop, batch, tuple(x.shape), x.dtype, x.device)
+        tangents = _basis(eye, start, stop, batch, tuple(x.shape))
         ys, cols = vmap(lambda v: jvp(fn, (xd,), (v,)))(tangents)  # noqa: B023 - used at once
         if y is None:
             y = ys[0]
@@ -287,14 +289,14 @@ def hutchpp_estimates(
         s = sketch.to(dt).reshape(m, batch, per)
         g = probes.to(dt).reshape(mres, batch, per)
         ys = products.chunked(s.reshape(m, *x.shape), chunk_size or m, retain_graph=True).reshape(m, batch, per)
-        c = ((ys * s).sum(-1) / (s * s).sum(-1)).mean(0)  # (batch,)
-        basis = (ys - c[None, :, None] * s).permute(1, 2, 0)  # (batch, D, m): (J − cI)ᵀ S
-        q = torch.linalg.qr(basis).Q  # (batch, D, m) orthonormal columns
+        q = torch.linalg.qr(ys.permute(1, 2, 0)).Q  # (batch, D, m) orthonormal columns spanning Jᵀ S
         gt = g - torch.einsum("bdm,kbm->kbd", q, torch.einsum("bdm,kbd->kbm", q, g))  # P g = g − Q Qᵀ g
         rows = torch.cat([q.permute(2, 0, 1), gt])  # (m + M, batch, D)
         z = products.chunked(rows.reshape(m + mres, *x.shape), chunk_size or (m + mres), retain_graph=False)
         z = z.reshape(m + mres, batch, per)
         y = products.y
     top = (z[:m] * rows[:m]).sum(-1).sum(0)  # tr(Qᵀ J Q), (batch,)
+    # c: the mean eigenvalue of the rest, (Hutchinson's trace from the sketch − tr(Qᵀ J Q)) / (D − m)
+    c = ((ys * s).sum(-1) * (per / (s * s).sum(-1))).mean(0).sub(top).div(max(per - m, 1))
     res = (z[m:] * gt).sum(-1) - c * ((gt * gt).sum(-1) - (per - m))  # (M, batch)
     return (top + res).detach(), y.detach()

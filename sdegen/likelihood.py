@@ -66,8 +66,9 @@ __all__ = [
 
 TRACES = ("exact", "hutchinson", "hutch++")
 PROBE_DISTRIBUTIONS = ("rademacher", "gaussian")
-TIME_VARIABLES = ("auto", "t", "sigma", "log_sigma", "logsnr")
-AUTO_TIME_VARIABLE = "log_sigma"
+TIME_VARIABLES = ("auto", "t", "vp_t", "sigma", "log_sigma", "logsnr")
+AUTO_TIME_VARIABLE = "vp_t"
+_REF_BETA = (0.1, 20.0)  # the reference VP schedule of time_variable="vp_t" (Song et al. 2021)
 HUTCHPP_DEFAULT_PROBES = 9
 DEFAULT_SOLVER = "rk45"
 
@@ -117,25 +118,26 @@ class TimeVariable:
     """A monotone change of integration variable ``u = u(t)`` for the probability-flow ODE.
 
     The ODE ``dy/dt = G(y, t)`` (``y = [x, Δ]``) becomes ``dy/du = G(y, t(u)) · dt/du``: the Δ column
-    transforms with the state, so ``Δ(u_end)`` is the same integral ``∫ ∇·F dt``. Variables of an affine SDE
-    (:class:`~sdegen.LinearSDE`, ``σ = s/m``):
+    transforms with the state, so ``Δ(u_end)`` is the same integral ``∫ ∇·F dt``. The variables of an affine
+    SDE (:class:`~sdegen.LinearSDE` with kernel ``(m, s)``, ``σ = s/m``, ``dσ²/dt = g²/m²``):
 
-    ========== ===================== ===================================================
-    name       ``u``                 ``dt/du``
-    ========== ===================== ===================================================
-    ``"t"``    ``t``                 1
-    ``"sigma"`` ``σ(t)``              ``2 s m / g²``    (from ``dσ²/dt = g²/m²``)
-    ``"log_sigma"`` ``log σ(t)``     ``2 s² / g²``
-    ``"logsnr"`` ``−2 log σ(t)``     ``−s² / g²``      (decreasing in ``t``; same steps as ``log_sigma``)
-    ========== ===================== ===================================================
+    * ``"t"``: ``u = t``, ``dt/du = 1``;
+    * ``"vp_t"``: ``u = τ(σ)``, the time at which the reference VP SDE (``β`` linear from 0.1 to 20, Song
+      et al. 2021) reaches the noise level ``σ``: ``τ = (√(β₀² + 2(β₁ − β₀) log(1 + σ²)) − β₀)/(β₁ − β₀)``,
+      ``dt/du = (m² + s²) β_ref(τ) / g²``. It is ``t`` itself for ``VPSDE(0.1, 20)``; for other SDEs it runs
+      every SDE on that clock — about ``10 σ²`` for ``σ < 0.02``, ``σ/√10`` up to ``σ ≈ 1``, ``√(log σ²/10)``
+      beyond — and needed the fewest evaluations at equal error on the benchmark problems
+      (``docs/likelihood.md``);
+    * ``"sigma"``: ``u = σ``, ``dt/du = 2 s m / g²`` (k-diffusion's variable);
+    * ``"log_sigma"``: ``u = log σ``, ``dt/du = 2 s² / g²`` (then ``F dt/du = −s² (x + ∇log p)`` for VP:
+      the schedule drops out);
+    * ``"logsnr"``: ``u = −2 log σ``, ``dt/du = −s² / g²`` (decreasing; the same steps as ``"log_sigma"``).
 
-    In ``log σ`` the drift of a VP-type SDE is ``F dt/du = −s² (x + ∇log p)``: the schedule ``β(t)`` drops
-    out, so piecewise schedules (:class:`~sdegen.DiscreteVPSDE`) give a smooth ODE. ``t(u)`` comes from the
-    SDE's :meth:`~sdegen.LinearSDE.t_from_sigma`; at the two ends the exact ``t_min``/``t_max`` are used and
-    ``t`` is clamped to them, so the model never sees a time outside the interval.
+    ``t(u)`` comes from the SDE's :meth:`~sdegen.LinearSDE.t_from_sigma`; at the two ends the exact
+    ``t_min``/``t_max`` are used and ``t`` is clamped to them, so the model never sees a time outside the interval.
 
     Args:
-        name: one of ``"t"``, ``"sigma"``, ``"log_sigma"``, ``"logsnr"``.
+        name: one of ``"t"``, ``"vp_t"``, ``"sigma"``, ``"log_sigma"``, ``"logsnr"``.
         sde: the forward SDE (a :class:`~sdegen.LinearSDE` for all but ``"t"``).
         t0, t1: the integration interval in ``t`` (``t0 < t1``).
 
@@ -165,30 +167,50 @@ class TimeVariable:
         t = t.to(torch.float64)
         if self.name == "t":
             return t
-        sigma = self.sde.sigma(t).to(torch.float64)  # type: ignore[union-attr]
+        return self._u_of_sigma(self.sde.sigma(t).to(torch.float64))  # type: ignore[union-attr]
+
+    def _u_of_sigma(self, sigma: Tensor) -> Tensor:
         if self.name == "sigma":
             return sigma
-        return torch.log(sigma) if self.name == "log_sigma" else -2.0 * torch.log(sigma)
+        if self.name == "log_sigma":
+            return torch.log(sigma)
+        if self.name == "logsnr":
+            return -2.0 * torch.log(sigma)
+        b0, b1 = _REF_BETA  # vp_t: solve b0 τ + (b1 − b0) τ²/2 = log(1 + σ²) for τ (stable form)
+        big = torch.log1p(sigma * sigma)
+        return 2.0 * big / (b0 + torch.sqrt(b0 * b0 + 2.0 * (b1 - b0) * big))
+
+    def _sigma_of_u(self, u: Tensor) -> Tensor:
+        if self.name == "sigma":
+            return u
+        if self.name == "log_sigma":
+            return torch.exp(u)
+        if self.name == "logsnr":
+            return torch.exp(-0.5 * u)
+        b0, b1 = _REF_BETA
+        return torch.sqrt(torch.expm1(b0 * u + 0.5 * (b1 - b0) * u * u))
 
     def time_and_rate(self, u: Tensor) -> tuple[Tensor, Tensor | None]:
         """The model time ``t(u)`` (dtype of ``u``) and ``dt/du`` (float64; None for ``"t"``)."""
         if self.name == "t":
             return u, None
         uu = u.to(torch.float64)
-        sigma = uu if self.name == "sigma" else torch.exp(uu if self.name == "log_sigma" else -0.5 * uu)
-        t = self.sde.t_from_sigma(sigma).to(device=u.device, dtype=torch.float64)  # type: ignore[union-attr]
+        t = self.sde.t_from_sigma(self._sigma_of_u(uu)).to(device=u.device, dtype=torch.float64)  # type: ignore[union-attr]
         # the exact interval ends (u arrives clamped to them and cast to the time dtype), and never outside
         t = torch.where(u == torch.tensor(self.u1, dtype=u.dtype), self.t1, t)
         t = torch.where(u == torch.tensor(self.u0, dtype=u.dtype), self.t0, t).clamp(self.t0, self.t1)
-        m, s = self.sde.marginal(t)  # type: ignore[union-attr]
+        m, s = (v.to(torch.float64) for v in self.sde.marginal(t))  # type: ignore[union-attr]
         g2 = self.sde.diffusion_coef(t).to(torch.float64) ** 2  # type: ignore[union-attr]
-        s = s.to(torch.float64)
         if self.name == "log_sigma":
             rate = 2.0 * s * s / g2
         elif self.name == "logsnr":
             rate = -s * s / g2
-        else:
-            rate = 2.0 * s * m.to(torch.float64) / g2
+        elif self.name == "sigma":
+            rate = 2.0 * s * m / g2
+        else:  # vp_t, at the τ of the (clamped) t
+            b0, b1 = _REF_BETA
+            tau = self._u_of_sigma(s / m)
+            rate = (m * m + s * s) * (b0 + (b1 - b0) * tau) / g2
         return t.to(u.dtype), rate
 
     def __repr__(self) -> str:
@@ -234,8 +256,8 @@ def _variable_problem(sde: Any, name: str, t0: float, t1: float) -> str:
 def resolve_time_variable(name: str, sde: SDE, t0: float, t1: float, *, adaptive: bool = True) -> TimeVariable:
     """The :class:`TimeVariable` for the option ``time_variable=name``.
 
-    ``"auto"``: ``"log_sigma"`` for adaptive solvers when the SDE allows it (measured to need the fewest
-    evaluations at equal error on every benchmark problem, ``docs/likelihood.md``), else ``"t"`` — for SDEs
+    ``"auto"``: ``"vp_t"`` for adaptive solvers when the SDE allows it (measured to need the fewest
+    evaluations at equal error on the benchmark problems, ``docs/likelihood.md``), else ``"t"`` — for SDEs
     that are not affine, for ``m = 0`` at an end, and for fixed-step solvers (whose grid is chosen in ``t``).
     """
     if name not in TIME_VARIABLES:
@@ -714,8 +736,8 @@ def log_likelihood(
         steps, grid: the time grid of a fixed-step solver (``grid`` default the solver's; uniform for
             torchdiffeq), chosen in ``t``; adaptive solvers take neither.
         time_variable: the variable the ODE is integrated in (:class:`TimeVariable`): ``"auto"`` (default:
-            ``"log_sigma"`` for adaptive solvers on affine SDEs with ``σ`` finite on the interval, else
-            ``"t"``), ``"t"``, ``"sigma"``, ``"log_sigma"``, ``"logsnr"``. The result is the same integral;
+            ``"vp_t"`` for adaptive solvers on affine SDEs with ``σ`` finite on the interval, else ``"t"``),
+            ``"t"``, ``"vp_t"``, ``"sigma"``, ``"log_sigma"``, ``"logsnr"``. The result is the same integral;
             the number of steps differs (``docs/likelihood.md``).
         exact_mode: how the exact trace takes its ``D`` products: ``"auto"`` (the fastest measured for the
             device), ``"vjp"``, ``"vjp_loop"``, ``"jvp"`` (:func:`sdegen.divergence.exact_mode`).
