@@ -258,16 +258,16 @@ def hutchpp_estimates(
     Hutchinson estimate of the rest. Per sample, with ``J`` the Jacobian, ``S`` the ``m`` sketch vectors and
     ``g_k`` the ``M`` residual probes:
 
-    1. ``c = mean_i s_iᵀ J s_i / ‖s_i‖²`` (a rough mean eigenvalue) and ``Q = orth((J − c I)ᵀ S)``
-       (``D × m``, QR): the directions in which ``J`` departs most from ``c I``;
+    1. ``Q = orth(Jᵀ S)`` (``D × m``, QR): the dominant directions of ``J``;
     2. ``tr(J) = tr(Qᵀ J Q) + tr(J P)`` with ``P = I − Q Qᵀ``, the second term estimated with the projected
-       probes ``g̃_k = P g_k``: ``g̃_kᵀ J g̃_k − c (‖g̃_k‖² − (D − m))``.
+       probes ``g̃_k = P g_k`` as ``g̃_kᵀ J g̃_k − c (‖g̃_k‖² − (D − m))``, where
+       ``c = (mean_i s_iᵀ J s_i · D/‖s_i‖² − tr(Qᵀ J Q)) / (D − m)`` estimates the mean eigenvalue of the rest.
 
-    Each returned value ``tr(Qᵀ J Q) + [g̃_kᵀ J g̃_k − c (‖g̃_k‖² − (D − m))]`` is unbiased for ``tr(J)`` for *any*
-    sketch (``Q``, ``c`` depend on ``S`` only; ``E_g[g̃ᵀ (J − cI) g̃] = tr((J − cI) P)``), so the spread of the
-    ``M`` values is the estimator's whole variance (their mean has variance ``var / M``). The shift ``c`` is
-    sdegen's addition to Alg. 1: it removes the ``c I`` part of ``J`` (large for the drift of a VP SDE) from
-    the residual, where projected probes would otherwise turn it into variance.
+    Each returned value is unbiased for ``tr(J)`` for *any* sketch: ``Q`` and ``c`` depend on ``S`` only, and
+    ``E_g[g̃ᵀ (J − cI) g̃] = tr((J − cI) P) = tr(J P) − c (D − m)``. So the spread of the ``M`` values is the
+    estimator's whole variance (their mean has variance ``var / M``). The shift ``c`` is sdegen's addition to
+    Alg. 1: projected probes are no longer Rademacher, and without it the ``c I`` part of ``J`` (the drift
+    ``a(t) x`` of an affine SDE) would turn into variance.
 
     Args:
         fn: per-sample field.

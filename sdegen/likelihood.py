@@ -10,11 +10,14 @@ Along the probability-flow ODE ``dx/dt = F(x, t) = f(x, t) − ½ g(t)² ∇log 
 :class:`AugmentedFlow` is that augmented ODE as an :class:`~sdegen.equation.Equation`; it is integrated by
 :func:`sdegen.integrate.integrate` with any ODE solver — the built-in adaptive ones (``rk45``, ``tsit5``,
 ``bosh3``: per-sample step control), fixed-step ones given ``steps=`` (``heun``, ``euler_maruyama``), or
-``torchdiffeq:<method>``. The divergence is computed *exactly* (``trace="exact"``: ``D`` vector–Jacobian
-products, batched and chunked, :func:`sdegen.divergence.divergence_exact`) or estimated with
-Hutchinson's estimator (``trace="hutchinson"``: ``E[εᵀ (∂F/∂x) ε]`` with ``probes`` Rademacher or
-Gaussian vectors drawn once per solve and held fixed along the path, Grathwohl et al. 2019, "FFJORD",
-eq. 7).
+``torchdiffeq:<method>`` — in a time variable of choice: :class:`TimeChange` integrates
+``d[x, Δ]/du = [F, ∇·F] · dt/du`` in ``u = u(t)`` (:class:`TimeVariable`; by default ``"vp_t"``, the
+clock of the standard VP SDE, which needed the fewest evaluations at equal error). The divergence is
+computed *exactly* (``trace="exact"``: ``D`` vector–Jacobian products, batched and chunked,
+:func:`sdegen.divergence.divergence_exact`) or estimated: Hutchinson's estimator (``trace="hutchinson"``:
+``E[εᵀ (∂F/∂x) ε]`` with ``probes`` Rademacher or Gaussian vectors drawn once per solve and held fixed along
+the path, Grathwohl et al. 2019, "FFJORD", eq. 7) or Hutch++ (``trace="hutch++"``, Meyer et al. 2021), each
+probe integrated in its own column so that the spread of the columns gives every sample a standard error.
 
 The ODE runs under ``torch.no_grad``; gradients are taken only inside each divergence evaluation and
 never kept across steps, so memory does not grow with the number of steps. The score must be
@@ -191,16 +194,17 @@ class TimeVariable:
         return torch.sqrt(torch.expm1(b0 * u + 0.5 * (b1 - b0) * u * u))
 
     def time_and_rate(self, u: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The model time ``t(u)`` (dtype of ``u``) and ``dt/du`` (float64; None for ``"t"``)."""
+        """The model time ``t(u)`` (dtype of ``u``) and ``dt/du`` (float64, float32 on MPS; None for ``"t"``)."""
         if self.name == "t":
             return u, None
-        uu = u.to(torch.float64)
-        t = self.sde.t_from_sigma(self._sigma_of_u(uu)).to(device=u.device, dtype=torch.float64)  # type: ignore[union-attr]
+        wide = torch.float32 if u.device.type == "mps" else torch.float64  # MPS has no float64
+        uu = u.to(wide)
+        t = self.sde.t_from_sigma(self._sigma_of_u(uu)).to(device=u.device, dtype=wide)  # type: ignore[union-attr]
         # the exact interval ends (u arrives clamped to them and cast to the time dtype), and never outside
         t = torch.where(u == torch.tensor(self.u1, dtype=u.dtype), self.t1, t)
         t = torch.where(u == torch.tensor(self.u0, dtype=u.dtype), self.t0, t).clamp(self.t0, self.t1)
-        m, s = (v.to(torch.float64) for v in self.sde.marginal(t))  # type: ignore[union-attr]
-        g2 = self.sde.diffusion_coef(t).to(torch.float64) ** 2  # type: ignore[union-attr]
+        m, s = (v.to(wide) for v in self.sde.marginal(t))  # type: ignore[union-attr]
+        g2 = self.sde.diffusion_coef(t).to(wide) ** 2  # type: ignore[union-attr]
         if self.name == "log_sigma":
             rate = 2.0 * s * s / g2
         elif self.name == "logsnr":
