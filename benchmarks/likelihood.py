@@ -23,13 +23,15 @@ the head-to-head and the fixed-tolerance table):
   ``log_likelihood`` (torchdiffeq dopri5 in σ; k-diffusion hard-codes ``Normal(0, σ_max)``, so it is handed a
   ``torch`` proxy whose ``distributions.Normal(...).log_prob`` is the exact prior) and the score_sde-style SciPy
   ``solve_ivp(method="RK45")`` on the flattened batch with a NumPy round trip per evaluation.
-* ``trace`` — seconds per exact-trace evaluation for each product mode (``vjp``: batched backward under vmap;
-  ``vjp_loop``: one backward per basis vector; ``jvp``: forward mode under vmap) on the mixtures and on MLPs of
-  dimension 16 to 256: what ``exact_mode="auto"`` picks on this device.
-* ``hutch`` — stochastic traces on aniso16-VP (d = 16) and a d = 64 MLP field: Hutchinson with 1 to 16 probes
-  and Hutch++ with 6 to 24 products: error, the reported standard error and its calibration (z-scores), and
-  the evaluations needed to reach a stated standard error (one-probe Hutchinson reaches it by averaging
-  repeated solves).
+* ``trace`` — seconds per exact-trace evaluation for each product mode (``vjp``: batched backward passes
+  under vmap, the default chunk and one pass over all ``D`` rows; ``vjp_loop``: one backward per basis vector;
+  ``jvp``: forward mode under vmap) on the mixtures and on MLPs of dimension 16 to 256, batches of 16 and
+  1,024: what ``exact_mode="auto"`` picks on this device.
+* ``hutch`` — stochastic traces on aniso16-VP (d = 16) and a d = 64 MLP field: Hutchinson with 1 to 24 probes
+  and Hutch++ with 12 and 24 products: error, the reported standard error and its calibration (mean reported
+  variance over the variance across independent draws; coverage of ±2 standard errors), and the network
+  evaluations and products needed to reach a stated standard error (one-probe Hutchinson reaches it by
+  averaging repeated solves).
 
 Run: ``python -m benchmarks.likelihood`` (full: about 40 minutes on 2 shared cores) or ``--quick``.
 """
@@ -310,37 +312,45 @@ def table(n: int, repeats: int, problems, log, tol: float = 1e-5) -> dict:
     return out
 
 
-def trace_modes(repeats: int, log, batch: int = 256) -> dict:
-    """Seconds per exact-trace evaluation, per product mode, on the mixtures and on MLPs of growing D."""
+def trace_modes(repeats: int, log, batches: tuple[int, ...] = (16, 1024)) -> dict:
+    """Seconds per exact-trace evaluation, per product mode, on the mixtures and on MLPs of growing D.
+
+    ``vjp`` is the default (``exact_mode="auto"``: batched backward passes of the device's default chunk),
+    ``vjp, one pass`` all ``D`` rows in one batched pass (the default before this benchmark existed).
+    """
     from sdegen.divergence import divergence_exact, exact_mode
 
     cases: list = []
     for mix, kind in (("ring8", "vp"), ("aniso16", "vp")):
         p = make_problem(mix, kind)
-        xs = p.pm.sample(batch, 0.3, seed=0, dtype=torch.float64)
-        t = torch.full((batch,), 0.3, dtype=torch.float64)
-        cases.append((f"{p.name} score (d={p.dim})", lambda z, p=p, t=t: _pf_drift(p, z, t), xs))
+        cases.append((f"{p.name} score (d={p.dim}, float64)", p.dim,
+                      lambda b, p=p: p.pm.sample(b, 0.3, seed=0, dtype=torch.float64),
+                      lambda z, p=p: _pf_drift(p, z, torch.tensor(0.3, dtype=torch.float64))))
     for d in (16, 64, 256):
         torch.manual_seed(d)
         net = torch.nn.Sequential(torch.nn.Linear(d, 256), torch.nn.SiLU(), torch.nn.Linear(256, 256),
                                   torch.nn.SiLU(), torch.nn.Linear(256, d))
-        cases.append((f"MLP 256 hidden (d={d}, float32)", net, torch.randn(batch, d)))
+        cases.append((f"MLP 256 hidden (d={d}, float32)", d, lambda b, d=d: torch.randn(b, d), net))
+    modes = {"vjp": dict(mode="vjp"), "vjp, one pass": dict(mode="vjp", chunk_size=None),
+             "vjp_loop": dict(mode="vjp_loop"), "jvp": dict(mode="jvp")}
     out = []
-    for name, fn, xs in cases:
-        row = {"case": name, "batch": batch, "auto": exact_mode("auto", xs.device)}
-        ref = divergence_exact(fn, xs, mode="vjp")[0]
-        for mode in ("vjp", "vjp_loop", "jvp"):
-            div = divergence_exact(fn, xs, mode=mode)[0]
-            row[f"{mode}_max_diff"] = float((div - ref).abs().max() / (ref.abs().max() + 1e-30))
-            best = math.inf
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                divergence_exact(fn, xs, mode=mode)
-                best = min(best, time.perf_counter() - t0)
-            row[f"{mode}_ms"] = best * 1000
-        out.append(row)
-        log(f"  trace {name}: " + ", ".join(f"{m} {row[m + '_ms']:.2f} ms" for m in ("vjp", "vjp_loop", "jvp"))
-            + f" (auto: {row['auto']})")
+    for name, d, sample, fn in cases:
+        for batch in batches:
+            xs = sample(batch)
+            modes["vjp, one pass"]["chunk_size"] = d
+            row = {"case": name, "batch": batch, "auto": exact_mode("auto", xs.device)}
+            ref = divergence_exact(fn, xs, mode="vjp")[0]
+            for label, kw in modes.items():
+                div = divergence_exact(fn, xs, **kw)[0]
+                row[f"{label} max_rel_diff"] = float((div - ref).abs().max() / (ref.abs().max() + 1e-30))
+                best = math.inf
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    divergence_exact(fn, xs, **kw)
+                    best = min(best, time.perf_counter() - t0)
+                row[f"{label} ms"] = best * 1000
+            out.append(row)
+            log(f"  trace {name}, batch {batch}: " + ", ".join(f"{m} {row[m + ' ms']:.2f} ms" for m in modes))
     return {"device": "cpu", "threads": torch.get_num_threads(), "rows": out}
 
 
@@ -364,7 +374,7 @@ def hutch(n: int, log, tol: float = 1e-5, target_se: float = 0.1) -> dict:
     p = make_problem("aniso16", "vp")
     mlp_sde, mlp_score = _mlp_problem()
     gm = GaussianMixture([1.0], torch.zeros(1, 64, dtype=torch.float64), torch.ones(1, dtype=torch.float64))
-    settings = [("hutchinson", 1), ("hutchinson", 4), ("hutchinson", 16), ("hutch++", 6), ("hutch++", 12),
+    settings = [("hutchinson", 1), ("hutchinson", 4), ("hutchinson", 12), ("hutchinson", 24), ("hutch++", 12),
                 ("hutch++", 24)]
     for name, sde, score, x, prior in (
         ("aniso16-vp", p.sde, p.pm.score, _points(p, 1)[0].expand(n, -1).contiguous(),
@@ -388,8 +398,11 @@ def hutch(n: int, log, tol: float = 1e-5, target_se: float = 0.1) -> dict:
                    "mean_abs_error": float(err.abs().mean()), "evals_per_solve": evals,
                    "seconds_per_1000": dt * 1000 / n}
             if info.trace_se is not None:
+                # calibration: mean reported variance over the variance across independent draws (1 when
+                # calibrated), and the coverage of ±2 reported standard errors
                 z = err / info.trace_se
-                row.update(mean_reported_se=float(info.trace_se.mean()), z_rms=float(z.pow(2).mean().sqrt()),
+                row.update(mean_reported_se=float(info.trace_se.mean()),
+                           variance_ratio=float(info.trace_se.pow(2).mean()) / sd**2,
                            coverage_2se=float((z.abs() < 2).double().mean()))
             # evaluations to reach a standard error of target_se nats: average ceil((sd / target)²) solves
             solves = max(1, math.ceil((sd / target_se) ** 2))
@@ -397,7 +410,8 @@ def hutch(n: int, log, tol: float = 1e-5, target_se: float = 0.1) -> dict:
                        products_for_target=solves * per_solve_products)
             rows.append(row)
             log(f"  {name} {trace}({probes}): sd {sd:.3f} nats, bias {row['bias']:+.3f}, "
-                f"reported se {row.get('mean_reported_se', math.nan):.3f}, z rms {row.get('z_rms', math.nan):.2f}, "
+                f"reported se {row.get('mean_reported_se', math.nan):.3f}, variance ratio "
+                f"{row.get('variance_ratio', math.nan):.2f}, coverage {row.get('coverage_2se', math.nan):.2f}, "
                 f"evals for se {target_se}: {row['evals_for_target']:.0f}, products {row['products_for_target']:.0f}")
         out[name] = {"exact_value": ref, "target_se": target_se, "rows": rows}
     return out

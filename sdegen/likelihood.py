@@ -512,7 +512,8 @@ def _options(
                 f"as many for its basis, the rest residual probes), got probes={probes}"
             )
         sketch = min(probes // 3, d)
-        probes -= 2 * sketch
+        # a sketch spanning all D directions makes the trace exact: one residual column (exactly zero) suffices
+        probes = 1 if sketch == d else probes - 2 * sketch
     if chunk_size is not None:
         _positive_int("chunk_size", chunk_size)
     resolve_exact_mode(exact_mode_, x.device)  # validates the name
@@ -613,7 +614,7 @@ def _ll_chunk(
         latent = sol.x[:, :d].reshape(x.shape)
         cols = sol.x[:, d:]
         delta = cols.mean(1)
-        if trace == "exact":
+        if trace == "exact" or (trace == "hutch++" and sketch == d):
             se = torch.zeros_like(delta)
         else:
             se = cols.std(1) / math.sqrt(cols.shape[1]) if cols.shape[1] > 1 else None
