@@ -18,7 +18,8 @@ vector-Jacobian product (VJP) with the same basis vector ``e_j`` in every sample
 and ``docs/likelihood.md`` hold the measurements). Memory is bounded by ``chunk_size`` rows of products at a
 time; the default chunk depends on the device (about ``2**17`` elements per pass on CPU, ``2**22`` elsewhere).
 Models whose backward cannot run under ``vmap`` (attention in diffusers UNets: "NYI: querying
-is_contiguous inside of vmap") fall back to one product at a time, with the same values.
+is_contiguous inside of vmap") fall back to one product at a time, with the same values; forward mode falls
+back to reverse mode for models ``torch.func`` cannot transform.
 
 **Stochastic traces.** :func:`hutchinson_estimates` gives Hutchinson's ``ε_kᵀ J ε_k`` for every probe
 ``k`` (Hutchinson 1989), :func:`hutchpp_estimates` the Hutch++ estimator (Meyer, Musco, Musco & Woodruff
@@ -85,17 +86,20 @@ class _Products:
 
     Some models cannot run their backward under vmap (e.g. attention in diffusers UNets: "NYI: querying
     is_contiguous inside of vmap"). A failed batched backward may already have freed part of the graph,
-    so the forward pass is recomputed once and the products are then taken one by one (same values).
+    so the forward pass is recomputed once and the products are then taken one by one (same values). The
+    outcome is remembered in ``memo`` (a dict shared by the calls of one solve), so the failing attempt and
+    its recomputed forward pass happen once, not at every evaluation.
     """
 
-    def __init__(self, fn: Field, x: Tensor, *, batched: bool = True):
+    def __init__(self, fn: Field, x: Tensor, *, batched: bool = True, memo: dict | None = None):
         self.fn = fn
         self.xg = x.detach().requires_grad_(True)
         self.y = fn(self.xg)
         if not isinstance(self.y, Tensor) or self.y.shape != x.shape:
             got = tuple(self.y.shape) if isinstance(self.y, Tensor) else type(self.y).__name__
             raise ValueError(f"field returned shape {got}, expected {tuple(x.shape)}")
-        self.batched = batched
+        self.memo = memo if memo is not None else {}
+        self.batched = batched and self.memo.get("batched", True)
 
     def __call__(self, grads: Tensor, *, retain_graph: bool) -> Tensor:
         """``(K, *x.shape)`` products for ``grads`` ``(K, *x.shape)``."""
@@ -105,7 +109,7 @@ class _Products:
             except RuntimeError as err:
                 if "vmap" not in str(err) and "batched" not in str(err).lower():
                     raise
-                self.batched = False
+                self.batched = self.memo["batched"] = False  # later calls with the same memo skip the attempt
                 self.y = self.fn(self.xg)
         last = grads.shape[0] - 1
         rows = [
@@ -136,7 +140,9 @@ def _pick(rows: Tensor, start: int, batch: int, per: int) -> Tensor:
     return torch.diagonal(rows.reshape(c, batch, per)[:, :, start : start + c], dim1=0, dim2=2)
 
 
-def jacobian_diagonal(fn: Field, x: Tensor, *, chunk_size: int | None = None, mode: str = "auto") -> Tensor:
+def jacobian_diagonal(
+    fn: Field, x: Tensor, *, chunk_size: int | None = None, mode: str = "auto", memo: dict | None = None
+) -> Tensor:
     """Exact diagonal ``∂fn(x)_i / ∂x_i`` of a per-sample field, shaped like ``x``.
 
     Args:
@@ -145,22 +151,34 @@ def jacobian_diagonal(fn: Field, x: Tensor, *, chunk_size: int | None = None, mo
         chunk_size: basis vectors per batched product (memory bound); default keeps about 4M elements per
             product. Unused by ``mode="vjp_loop"`` (one row at a time).
         mode: ``"auto"``, ``"vjp"``, ``"vjp_loop"`` or ``"jvp"`` (module docstring).
+        memo: a dict kept across the calls for one model (e.g. along an ODE solve): remembers whether its
+            backward runs under vmap and whether forward mode works, so a failing attempt is made once.
 
     Cost: one forward pass and ``D = prod(dims)`` products (reverse: ``ceil(D / chunk_size)`` batched backward
     passes; forward: as many forward passes with ``chunk_size`` tangents).
     """
-    return _diagonal_and_value(fn, x, chunk_size, mode)[0]
+    return _diagonal_and_value(fn, x, chunk_size, mode, memo)[0]
 
 
-def _diagonal_and_value(fn: Field, x: Tensor, chunk_size: int | None, mode: str) -> tuple[Tensor, Tensor]:
+def _diagonal_and_value(
+    fn: Field, x: Tensor, chunk_size: int | None, mode: str, memo: dict | None = None
+) -> tuple[Tensor, Tensor]:
     _check_chunk(chunk_size)
     mode = exact_mode(mode, x.device)
+    memo = memo if memo is not None else {}
+    if mode == "jvp" and memo.get("jvp", True):
+        try:
+            return _diagonal_jvp(fn, x, chunk_size)
+        except RuntimeError as err:  # a model torch.func cannot transform (e.g. diffusers attention under vmap)
+            if "vmap" not in str(err) and "batch" not in str(err).lower() and "forward" not in str(err).lower():
+                raise
+            memo["jvp"] = False
     if mode == "jvp":
-        return _diagonal_jvp(fn, x, chunk_size)
+        mode = "vjp"
     batch, per = x.shape[0], math.prod(x.shape[1:])
     chunk = 1 if mode == "vjp_loop" else (chunk_size or _default_chunk(x))
     with torch.enable_grad():
-        products = _Products(fn, x, batched=mode == "vjp")
+        products = _Products(fn, x, batched=mode == "vjp", memo=memo)
         y = products.y
         diag = torch.empty(batch, per, device=x.device, dtype=y.dtype)
         eye = torch.eye(per, device=x.device, dtype=y.dtype)
@@ -197,18 +215,18 @@ def _diagonal_jvp(fn: Field, x: Tensor, chunk_size: int | None) -> tuple[Tensor,
 
 
 def divergence_exact(
-    fn: Field, x: Tensor, *, chunk_size: int | None = None, mode: str = "auto"
+    fn: Field, x: Tensor, *, chunk_size: int | None = None, mode: str = "auto", memo: dict | None = None
 ) -> tuple[Tensor, Tensor]:
     """Exact divergence (Jacobian trace) per sample, ``(batch,)``, and the field value ``fn(x)`` (detached).
 
     Options as :func:`jacobian_diagonal`.
     """
-    diag, y = _diagonal_and_value(fn, x, chunk_size, mode)
+    diag, y = _diagonal_and_value(fn, x, chunk_size, mode, memo)
     return diag.reshape(x.shape[0], -1).sum(1), y
 
 
 def hutchinson_estimates(
-    fn: Field, x: Tensor, probes: Tensor, *, chunk_size: int | None = None
+    fn: Field, x: Tensor, probes: Tensor, *, chunk_size: int | None = None, memo: dict | None = None
 ) -> tuple[Tensor, Tensor]:
     """Hutchinson's ``ε_kᵀ J ε_k`` for every probe: ``(K, batch)``, and the field value (detached).
 
@@ -217,13 +235,14 @@ def hutchinson_estimates(
         x: ``(batch, *dims)``.
         probes: ``(K, batch, *dims)`` probe vectors with ``E[ε εᵀ] = I`` (Rademacher or Gaussian).
         chunk_size: probes per batched backward pass (memory bound; default all ``K``).
+        memo: as :func:`jacobian_diagonal`.
 
     Cost: one forward pass and ``K`` VJPs (``ceil(K / chunk_size)`` batched backward passes).
     """
     _check_chunk(chunk_size)
     k = probes.shape[0]
     with torch.enable_grad():
-        products = _Products(fn, x)
+        products = _Products(fn, x, memo=memo)
         rows = products.chunked(probes.to(products.y.dtype), chunk_size or k, retain_graph=False)
         y = products.y
     est = (rows * probes).reshape(k, x.shape[0], -1).sum(-1)
@@ -250,7 +269,13 @@ def divergence_hutchinson(
 
 
 def hutchpp_estimates(
-    fn: Field, x: Tensor, sketch: Tensor, probes: Tensor, *, chunk_size: int | None = None
+    fn: Field,
+    x: Tensor,
+    sketch: Tensor,
+    probes: Tensor,
+    *,
+    chunk_size: int | None = None,
+    memo: dict | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Hutch++ trace estimates, one per residual probe: ``(M, batch)``, and the field value (detached).
 
@@ -275,6 +300,7 @@ def hutchpp_estimates(
         sketch: ``(m, batch, *dims)`` sketch vectors (``1 <= m <= D``; at ``m = D`` the result is exact).
         probes: ``(M, batch, *dims)`` residual probes with ``E[g gᵀ] = I``.
         chunk_size: rows per batched backward pass (default all).
+        memo: as :func:`jacobian_diagonal`.
 
     Cost: one forward pass and ``2m + M`` VJPs in two rounds.
     """
@@ -284,7 +310,7 @@ def hutchpp_estimates(
     if not 1 <= m <= per:
         raise ValueError(f"Hutch++ needs 1 <= sketch size <= D={per}, got {m}")
     with torch.enable_grad():
-        products = _Products(fn, x)
+        products = _Products(fn, x, memo=memo)
         dt = products.y.dtype
         s = sketch.to(dt).reshape(m, batch, per)
         g = probes.to(dt).reshape(mres, batch, per)

@@ -359,6 +359,7 @@ class AugmentedFlow(EquationBase):
         self.exact_mode = exact_mode
         self.columns = 1 if probes is None else probes.shape[1]
         self._checked = False  # forward mode: the model's autograd graph to x was checked once
+        self._memo: dict = {}  # what the model's autograd supports (vmap over the backward, forward mode)
 
     def select_samples(self, index: Tensor | None, batch: int) -> None:
         self.flow.select_samples(index, batch)
@@ -388,14 +389,21 @@ class AugmentedFlow(EquationBase):
                 def field(z: Tensor) -> Tensor:  # noqa: F811 - the forward-mode field
                     return self.flow.drift(z, t)
 
-            div, fx = divergence_exact(field, xs, chunk_size=self.chunk_size, mode=mode)
+            div, fx = divergence_exact(field, xs, chunk_size=self.chunk_size, mode=mode, memo=self._memo)
             cols = div.reshape(n, 1)
         elif self.sketch is None:
-            est, fx = hutchinson_estimates(field, xs, self.probes.transpose(0, 1), chunk_size=self.chunk_size)
+            est, fx = hutchinson_estimates(
+                field, xs, self.probes.transpose(0, 1), chunk_size=self.chunk_size, memo=self._memo
+            )
             cols = est.T
         else:
             est, fx = hutchpp_estimates(
-                field, xs, self.sketch.transpose(0, 1), self.probes.transpose(0, 1), chunk_size=self.chunk_size
+                field,
+                xs,
+                self.sketch.transpose(0, 1),
+                self.probes.transpose(0, 1),
+                chunk_size=self.chunk_size,
+                memo=self._memo,
             )
             cols = est.T
         out = torch.cat([fx.reshape(n, self.d), cols.to(fx.dtype)], dim=1)
