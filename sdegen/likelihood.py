@@ -906,9 +906,10 @@ def bits_per_dim(
     deterministic midpoint approximation, *not* a bound.
 
     **Image scale.** For ``(B, 3, 32, 32)`` data (``D = 3072``) the exact trace costs 3,072 products per
-    evaluation; use ``trace="hutch++"`` or ``"hutchinson"`` with ``probes > 1`` and read the error bar
-    ``info.bpd_se``; bound memory with ``max_batch`` and ``chunk_size``, watch ``progress=True``, and read the
-    time per image as ``info.seconds / B`` (recipe in ``docs/likelihood.md``).
+    evaluation; use ``trace="hutchinson"`` with ``probes >= 4`` (or ``"hutch++"`` for Jacobians with a fast
+    decaying spectrum) and read the error bar ``info.bpd_se``; bound memory with ``max_batch`` and
+    ``chunk_size``, watch ``progress=True``, and read the time per image as ``info.seconds / B`` (recipe and
+    measurements in ``docs/likelihood.md``).
 
     Args:
         x: ``(batch, *dims)`` discrete data scaled to ``data_range``.
