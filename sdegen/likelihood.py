@@ -302,6 +302,10 @@ class TimeChange(EquationBase):
     def error_norm(self, e: Tensor) -> Tensor:
         return self.eq.error_norm(e)
 
+    def check_start(self, solver: Any, t_start: Tensor) -> None:
+        """The wrapped equation's check, at the model time of the start ``u``."""
+        self.eq.check_start(solver, self.variable.time_and_rate(t_start.to(torch.float64))[0])
+
     def diffusion(self, x: Tensor, t: Tensor) -> Tensor:
         return torch.zeros((), device=x.device, dtype=x.dtype)
 
@@ -367,6 +371,9 @@ class AugmentedFlow(EquationBase):
 
     def error_norm(self, e: Tensor) -> Tensor:
         return torch.maximum(rms_norm(e[:, : self.d]), rms_norm(e[:, self.d :]))
+
+    def check_start(self, solver: Any, t_start: Tensor) -> None:
+        self.flow.check_start(solver, t_start)
 
     def diffusion(self, x: Tensor, t: Tensor) -> Tensor:
         return torch.zeros((), device=x.device, dtype=x.dtype)

@@ -433,6 +433,18 @@ def test_time_variable_fallbacks_and_errors():
     for var in ("t", "vp_t", "log_sigma"):
         ll = log_likelihood(rf, pm.score, x, time_variable=var, **kw)
         assert (ll - pm.log_prob(x, 1e-5)).abs().max() < 1e-3, var
+    # the library's flow-matching SDE with a velocity model: t at t_max = 1 (the velocity form is finite there),
+    # vp_t below; both reproduce the density
+    from sdegen import FlowMatchingSDE, from_flow
+
+    fm = FlowMatchingSDE()
+    pfm = GM3.perturbed(fm)
+    for t_max, var in ((1.0, "t"), (0.999, "vp_t")):
+        prior = lambda z, t_max=t_max: pfm.log_prob(z, t_max)  # noqa: E731
+        ll, info = log_likelihood(fm, from_flow(pfm.flow_velocity, fm), x, rtol=1e-7, atol=1e-7, t_max=t_max,
+                                  prior_log_prob=prior, return_info=True)
+        assert info.time_variable == var
+        assert (ll - pfm.log_prob(x, 1e-5)).abs().max() < 1e-3, var
     # fixed-step solvers keep t under auto; a non-affine SDE has no sigma
     assert resolve_time_variable("auto", VPSDE(), 1e-5, 1.0, adaptive=False).name == "t"
     wrong = _WrongG()
