@@ -97,6 +97,15 @@ class Equation(Protocol):
         """Norm ``(n, *dims) -> (n,)`` of a scaled local error, per sample (adaptive solvers)."""
         ...
 
+    def passive_drift(self, x: Tensor, t: Tensor) -> Tensor:
+        """The drift at a *passive* Runge–Kutta stage: one whose derivative only feeds later stages' inputs.
+
+        Such a stage (Dormand–Prince's second: zero weight in the solution, the error estimate and the dense
+        output) needs only the components the drift itself reads; *integral* components that it never reads
+        (the likelihood's log-density columns) may be returned as zeros — the divergence there is never used.
+        """
+        ...
+
     def nonfinite_evaluation(self) -> Tensor | None:
         """Index of the first network evaluation that returned NaN/Inf (``-1``: none), a 0-d device tensor.
 
@@ -211,6 +220,9 @@ class EquationBase:
     # -- optional parts -----------------------------------------------------------------------------
     def error_norm(self, e: Tensor) -> Tensor:
         return rms_norm(e)
+
+    def passive_drift(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.drift(x, t)  # type: ignore[attr-defined]
 
     def prepare_grid(self, times: Sequence[Tensor] | None, x: Tensor | None = None) -> None:
         return None

@@ -310,8 +310,14 @@ class TimeChange(EquationBase):
         return torch.zeros((), device=x.device, dtype=x.dtype)
 
     def drift(self, y: Tensor, u: Tensor) -> Tensor:
+        return self._scaled(self.eq.drift, y, u)
+
+    def passive_drift(self, y: Tensor, u: Tensor) -> Tensor:
+        return self._scaled(self.eq.passive_drift, y, u)
+
+    def _scaled(self, fn: Callable[[Tensor, Tensor], Tensor], y: Tensor, u: Tensor) -> Tensor:
         t, rate = self.variable.time_and_rate(u)
-        out = self.eq.drift(y, t)
+        out = fn(y, t)
         return out if rate is None else out * bcast(rate.to(out.dtype), out)
 
     def __repr__(self) -> str:
@@ -377,6 +383,14 @@ class AugmentedFlow(EquationBase):
 
     def diffusion(self, x: Tensor, t: Tensor) -> Tensor:
         return torch.zeros((), device=x.device, dtype=x.dtype)
+
+    def passive_drift(self, y: Tensor, t: Tensor) -> Tensor:
+        """``[F(x, t), 0]``: at a passive stage the divergence is never used, so only ``F`` is evaluated."""
+        n = y.shape[0]
+        fx = self.flow.drift(y[:, : self.d].reshape(n, *self.dims), t)
+        out = torch.cat([fx.reshape(n, self.d), fx.new_zeros(n, self.columns)], dim=1)
+        self.record_evaluation(out)
+        return out
 
     def drift(self, y: Tensor, t: Tensor) -> Tensor:
         n = y.shape[0]

@@ -472,6 +472,37 @@ def test_exact_modes_agree():
         log_likelihood(sde, pm.score, x, exact_mode="fast")
 
 
+def test_passive_stage_skips_the_divergence_and_changes_nothing(monkeypatch):
+    """Dormand–Prince's second stage has zero weight in the solution, error and dense output: the likelihood
+    evaluates only the flow there (no divergence), and the result is bit-identical to evaluating it."""
+    from sdegen import likelihood
+    from sdegen.solvers import tableaux
+
+    assert tableaux.DOPRI5.passive_stages == frozenset({1})
+    assert tableaux.TSIT5.passive_stages == frozenset() and tableaux.BOSH3.passive_stages == frozenset()
+    sde = VPSDE()
+    gm = _mixture(16)
+    pm = gm.perturbed(sde)
+    x = gm.sample(6, generator=torch.Generator().manual_seed(2))
+    calls = {"n": 0}
+    real = likelihood.divergence_exact
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(likelihood, "divergence_exact", counting)
+    exact_prior = {"prior_log_prob": lambda z: pm.log_prob(z, sde.T)}
+    ll_passive = log_likelihood(sde, pm.score, x, rtol=1e-5, atol=1e-5, **exact_prior)
+    with_passive = calls["n"]
+    calls["n"] = 0
+    monkeypatch.setattr(tableaux.ButcherTableau, "passive_stages", property(lambda self: frozenset()))
+    ll_full = log_likelihood(sde, pm.score, x, rtol=1e-5, atol=1e-5, **exact_prior)
+    assert torch.equal(ll_passive, ll_full)
+    assert 0 < with_passive < calls["n"]
+    assert (ll_passive - gm.log_prob(x)).abs().max() < 1e-3
+
+
 # -- stochastic traces ---------------------------------------------------------------------------------------
 def _aniso(d: int = 16) -> GaussianMixture:
     g = torch.Generator().manual_seed(d)

@@ -115,10 +115,12 @@ class EmbeddedRungeKutta(AdaptiveSolver):
         self, eq: Equation, x: Tensor, t: Tensor, h: Tensor, t_next: Tensor, state: tuple[Tensor, ...], clock: Clock
     ) -> Attempt:
         tab = self.tableau
+        passive = tab.passive_stages
         ks = [state[0] if tab.fsal else eq.drift(x, clock(t))]
         for i in range(1, tab.stages):
             yi = _combine(x, h, ks, tab.a[i])
-            ks.append(eq.drift(yi, clock(t_next if tab.c[i] == 1.0 else t + tab.c[i] * h)))
+            ti = clock(t_next if tab.c[i] == 1.0 else t + tab.c[i] * h)
+            ks.append(eq.passive_drift(yi, ti) if i in passive else eq.drift(yi, ti))
         x_new = yi if tab.fsal else _combine(x, h, ks, tab.b)
         error = _combine(None, h, ks, tab.b_error)
         new_state = (ks[-1],) if tab.fsal else (ks[0],)

@@ -72,6 +72,15 @@ class ButcherTableau:
     def stages(self) -> int:
         return len(self.c)
 
+    @property
+    def passive_stages(self) -> frozenset[int]:
+        """Stages whose derivative only feeds later stages (zero weight in ``b``, ``b_error`` and ``dense``):
+        an equation may skip the integral components it never reads there (``Equation.passive_drift``)."""
+        return frozenset(
+            i for i in range(1, self.stages)
+            if self.b[i] == 0.0 and self.b_error[i] == 0.0 and not any(self.dense[i])
+        )
+
 
 def _ascending(poly: np.ndarray) -> tuple[float, ...]:
     """Coefficients of ``θ^1 … θ^d`` of a polynomial with zero constant term (ascending order)."""
