@@ -71,7 +71,7 @@ def sdegen_method(**opts) -> Callable:
     def run(p: Problem, x: torch.Tensor, tol: float):
         score = Counted(p.pm.score)
         ll, info = log_likelihood(p.sde, score, x, rtol=tol, atol=tol, t_min=T_MIN, seed=0, return_info=True,
-                                  prior_log_prob=lambda z: p.pm.log_prob(z, p.sde.T), **opts)
+                                  progress=False, prior_log_prob=lambda z: p.pm.log_prob(z, p.sde.T), **opts)
         return ll, {"calls": info.nfe, "evals": score.work / x.shape[0], "se": info.trace_se}
 
     return run
