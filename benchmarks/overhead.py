@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sdegen import EDMSDE, ReverseSDE, get_solver, integrate, make_grid, reverse_sample
+from sdegen import EDMSDE, ReverseSDE, from_denoiser, get_solver, integrate, make_grid, reverse_sample
 
 from .common import best_time, k_diffusion
 
@@ -247,7 +247,7 @@ def whole_calls(quick: bool = False, log=print) -> list[dict]:
     return rows
 
 
-BASIC_PAIRS = [("euler_maruyama", "sample_euler"), ("heun", "sample_heun"), ("dpmpp_2m", "sample_dpmpp_2m")]
+BASIC_PAIRS = [("euler", "sample_euler"), ("heun", "sample_heun"), ("dpmpp_2m", "sample_dpmpp_2m")]
 
 
 def _interleaved_rounds(a, b, rounds: int, reps: int) -> tuple[float, float]:
@@ -277,7 +277,8 @@ def _basic_cases(quick: bool):
 
 def whole_calls_basic(quick: bool = False, log=print) -> list[dict]:
     """Whole calls of 10 and 50 steps, setup included: Euler, Heun, DPM-Solver++(2M) against k-diffusion's
-    ``get_sigmas_karras`` + ``randn · σ_max`` + ``sample_*``, with a zero-cost model and a tiny conv net."""
+    ``get_sigmas_karras`` + ``randn · σ_max`` + ``sample_*``, with a zero-cost denoiser (the identity) and a tiny
+    conv net, the same denoiser for both (sdegen: ``from_denoiser``)."""
     kd = k_diffusion()
     if kd is None:
         log("  k-diffusion unavailable: skipped")
@@ -288,12 +289,10 @@ def whole_calls_basic(quick: bool = False, log=print) -> list[dict]:
     for shape, label, net in _basic_cases(quick):
         numel = torch.Size(shape).numel()
         rounds, reps = (2, 2) if numel >= 1 << 20 else (3, 5)
-        if net is None:
-            score = lambda x, t: torch.zeros_like(x)  # noqa: E731
-            denoiser = lambda x, s: x  # noqa: E731
-        else:
-            score = lambda x, t, net=net: net(x, t)  # noqa: E731 - a "score" network (the cost is what counts)
-            denoiser = lambda x, s, net=net: net(x, s)  # noqa: E731
+        # the same denoiser D(x, σ) for both libraries: k-diffusion calls it directly, sdegen through
+        # from_denoiser (EDM: t = σ), so each pays its own conversion to its update
+        denoiser = (lambda x, s: x) if net is None else (lambda x, s, net=net: net(x, s))  # noqa: E731
+        score = from_denoiser(denoiser, sde)
         for ours, theirs in BASIC_PAIRS:
             if quick and ours == "dpmpp_2m" and net is not None:
                 continue

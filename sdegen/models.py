@@ -122,6 +122,9 @@ class DenoisingModel(Protocol):
     score by Tweedie's formula ``(x + s² score)/m`` divides by ``m(t)``, which vanishes where the signal
     is gone (``t = 1`` on a flow-matching path); a model predicting ``x̂0``, ``ε`` or a velocity knows
     ``x̂0`` without that division. :class:`ScoreModel` implements this protocol.
+
+    A model may also define ``denoise(x, t, **kwargs) -> x̂0`` (the data prediction alone, optional): solvers
+    that use only ``x̂0`` (DDIM, DPM-Solver++, UniPC, ...) then skip computing the score.
     """
 
     def __call__(self, x: Tensor, t: Tensor, **kwargs) -> Tensor: ...
@@ -290,24 +293,52 @@ class ScoreModel:
         ``x̂0`` is returned and the score is Tweedie-consistent with it.
         """
         out = self._output(x, t, kwargs)
+        x0 = self._data_prediction(x, t, out)
+        if self.thresholding is not None:
+            x0 = self.thresholding(x0)
+            return score_from_denoiser(self.sde, x, t, x0), x0
+        convert = self._CONVERT[self.parametrisation]
+        return (out if convert is None else convert(self.sde, x, t, out)), x0
+
+    def denoise(self, x: Tensor, t: Tensor, **kwargs) -> Tensor:
+        """``x̂0`` alone (:meth:`predict` without the score), from one network call."""
+        x0 = self._data_prediction(x, t, self._output(x, t, kwargs))
+        return x0 if self.thresholding is None else self.thresholding(x0)
+
+    def linear_coefficients(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None] | None:
+        """``(P, Q, U, V)`` with ``score = P x + Q out`` and ``x̂0 = U x + V out`` for the raw network output
+        ``out`` at times ``t`` (any shape; each coefficient has that shape): every parametrisation is linear in
+        ``(x, out)``. ``U = V = None`` when ``x̂0 = out`` (a denoiser). None when the conversion is not linear
+        (``thresholding``) or there is no affine ``sde``.
+
+        :class:`~sdegen.ReverseSDE` folds these into one fused update per step on a fixed grid, computed once
+        per grid: the conversion then costs no extra pass over ``x``.
+        """
+        if self.thresholding is not None or self.sde is None or not hasattr(self.sde, "marginal"):
+            return None
+        m, s = self.sde.marginal(t)
         p = self.parametrisation
+        if p == "score":
+            return torch.zeros_like(m), torch.ones_like(m), 1.0 / m, s * s / m
+        if p == "denoiser":
+            return -1.0 / (s * s), m / (s * s), None, None
+        if p == "epsilon":
+            return torch.zeros_like(m), -1.0 / s, 1.0 / m, -s / m
+        d = m * m + s * s  # velocity: x̂0 = (m x − s v)/d, score = −(s x + m v)/(d s)
+        return -1.0 / d, -m / (d * s), m / d, -s / d
+
+    def _data_prediction(self, x: Tensor, t: Tensor, out: Tensor) -> Tensor:
+        p = self.parametrisation
+        if p == "denoiser":
+            return out
         if p == "score":
             if self.sde is None:
                 raise ValueError("a score network needs the sde for its data prediction: ScoreModel(net, sde)")
-            score, x0 = out, denoiser_from_score(self.sde, x, t, out)
-        else:
-            m, s = _kernel(self.sde, x, t)
-            if p == "denoiser":
-                x0 = out
-            elif p == "velocity":
-                x0 = (m * x - s * out) / (m**2 + s**2)
-            else:  # epsilon
-                x0 = (x - s * out) / m
-            score = self._CONVERT[p](self.sde, x, t, out)
-        if self.thresholding is not None:
-            x0 = self.thresholding(x0)
-            score = score_from_denoiser(self.sde, x, t, x0)
-        return score, x0
+            return denoiser_from_score(self.sde, x, t, out)
+        m, s = _kernel(self.sde, x, t)
+        if p == "velocity":
+            return (m * x - s * out) / (m**2 + s**2)
+        return (x - s * out) / m  # epsilon
 
     def __repr__(self) -> str:
         thr = "" if self.thresholding is None else f", thresholding={self.thresholding!r}"
@@ -332,13 +363,22 @@ class ThresholdedModel:
         self.model, self.sde, self.thresholding = model, sde, thresholding
 
     def predict(self, x: Tensor, t: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
-        x0 = None
-        if implements(self.model, DenoisingModel):
-            _, x0 = self.model.predict(x, t, **kwargs)
-        if x0 is None:
-            x0 = denoiser_from_score(self.sde, x, t, self.model(x, t, **kwargs))
-        x0 = self.thresholding(x0)
+        x0 = self.denoise(x, t, **kwargs)
         return score_from_denoiser(self.sde, x, t, x0), x0
+
+    def denoise(self, x: Tensor, t: Tensor, **kwargs) -> Tensor:
+        """The processed ``x̂0`` alone (one network call): the inner model's own ``x̂0`` where it has one, else
+        Tweedie's formula on its score."""
+        denoise = getattr(self.model, "denoise", None)
+        if callable(denoise):
+            x0 = denoise(x, t, **kwargs)
+        elif implements(self.model, DenoisingModel):
+            score, x0 = self.model.predict(x, t, **kwargs)
+            if x0 is None:
+                x0 = denoiser_from_score(self.sde, x, t, score)
+        else:
+            x0 = denoiser_from_score(self.sde, x, t, self.model(x, t, **kwargs))
+        return self.thresholding(x0)
 
     def __call__(self, x: Tensor, t: Tensor, **kwargs) -> Tensor:
         return self.predict(x, t, **kwargs)[0]
@@ -499,6 +539,21 @@ class FlowModel(ScoreModel):
         v = self._output(x, t, kwargs)
         x0, eps, s = _flow_split(self.sde, x, t, v)
         return -eps / s, x0
+
+    def linear_coefficients(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(P, Q, U, V)`` of :meth:`ScoreModel.linear_coefficients` for a velocity: with ``det = m ṡ − ṁ s``,
+        ``score = (ṁ x − m v)/(s det)`` and ``x̂0 = (ṡ x − s v)/det``."""
+        from .interpolant import kernel_rates
+
+        m, s, dm, ds = kernel_rates(self.sde, t)
+        det = m * ds - dm * s
+        return dm / (s * det), -m / (s * det), ds / det, -s / det
+
+    def denoise(self, x: Tensor, t: Tensor, **kwargs) -> Tensor:
+        """``x̂0`` alone (one network call)."""
+        v = self._output(x, t, kwargs)
+        m, s, dm, ds = _rates(self.sde, x, t)
+        return (ds * x - s * v) / (m * ds - dm * s)
 
     def __repr__(self) -> str:
         return f"FlowModel(sde={self.sde!r})"

@@ -28,7 +28,7 @@ from ._batching import select_model
 from ._utils import as_batch_time, bcast, time_dtype
 from .equation import DEFAULT_NOISE_SCALE, EquationBase
 from .errors import NotDifferentiableError
-from .models import DenoisingModel, implements
+from .models import DenoisingModel, FlowModel, ScoreModel, implements
 
 if TYPE_CHECKING:
     from .sde import SDE
@@ -82,6 +82,7 @@ class ReverseSDE(EquationBase):
         self._all = (score, dict(model_kwargs or {}))
         self.score_fn, self.model_kwargs = self._all
         self._predicts = implements(score, DenoisingModel)  # x̂0 from the model itself (checked once)
+        self._denoises = self._predicts and callable(getattr(score, "denoise", None))  # ... and x̂0 alone
         # affine drift a(t) x and additive g(t) not overridden anywhere: drift_from_score may then
         # compute the per-step coefficients on a scalar time directly (fewer ops per step)
         cls = type(sde)
@@ -130,6 +131,7 @@ class ReverseSDE(EquationBase):
             score, kwargs = select_model(score, kwargs, batch, index)
         self.score_fn, self.model_kwargs = score, kwargs
         self._predicts = implements(score, DenoisingModel)
+        self._denoises = self._predicts and callable(getattr(score, "denoise", None))
 
     def marginal(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """Kernel ``(m(t), s(t))`` of an affine forward SDE (for exponential integrators)."""
@@ -163,11 +165,43 @@ class ReverseSDE(EquationBase):
         if self._interpolant:  # the velocity-form coefficients (α̇, c) of _flow_drift
             da, c = self.sde.flow_coefficients(tt, self.noise_scale)
             flow = list(zip(da.to(x.dtype).unbind(), c.to(x.dtype).unbind(), strict=True))
-        rows = zip(times, batch_t, a, g2, flow, strict=True)
-        self._grid = {id(v): (v, bt, ai, gi, k, fi) for k, (v, bt, ai, gi, fi) in enumerate(rows)}
+        linear = self._linear_rows(tt, x, len(times))
+        rows = zip(times, batch_t, a, g2, flow, linear, strict=True)
+        self._grid = {id(v): (v, bt, ai, gi, k, fi, li) for k, (v, bt, ai, gi, fi, li) in enumerate(rows)}
         self._grid_key = (x.shape[0], x.dtype, x.device)
         self._grid_tt = tt
         self._tweedie_coef = None  # (1/m, s²/m) per grid time, made on the first denoise() from a score
+
+    def _linear_rows(self, tt: Tensor, x: Tensor, n: int) -> Sequence:
+        """Per grid time ``(A, B, U, V)``: drift ``= A x + B out`` and ``x̂0 = U x + V out`` for the raw output
+        ``out`` of a :class:`~sdegen.models.ScoreModel` (its :meth:`~sdegen.models.ScoreModel.linear_coefficients`
+        folded with the SDE's coefficients), or None per time when the model offers none."""
+        # exactly these classes: a subclass may override how the output becomes a score
+        if not (self._affine and type(self.score_fn) in (ScoreModel, FlowModel)):
+            return (None,) * n
+        if tt.device.type != "mps":  # float64 coefficients where the device has it: one rounding at the cast
+            tt = tt.to(torch.float64)
+        pq = self.score_fn.linear_coefficients(tt)
+        if pq is None:
+            return (None,) * n
+        p, q, u, v = pq
+        if self._interpolant and self._predicts:  # velocity form: α̇ x̂0 − c score (finite where α = 0)
+            da, c = self.sde.flow_coefficients(tt, self.noise_scale)
+            uu, vv = (torch.zeros_like(p), torch.ones_like(p)) if u is None else (u, v)
+            big_a, big_b = da * uu - c * p, da * vv - c * q
+        else:  # a x − (1 + λ²)/2 g² score
+            k = -0.5 * (1.0 + self.noise_scale**2) * self.sde.diffusion_coef(tt) ** 2
+            big_a, big_b = self.sde.drift_coef(tt) + k * p, k * q
+        cast = [w.to(x.dtype).unbind() if w is not None else (None,) * n for w in (big_a, big_b, u, v)]
+        return list(zip(*cast, strict=True))
+
+    def _raw_output(self, x: Tensor, tb: Tensor, differentiable: bool) -> Tensor:
+        """The model's raw network output (one evaluation, checked and counted), for the fused grid updates."""
+        out = self._check_output(x, self.score_fn.prediction(x, tb, **self.model_kwargs))
+        if differentiable and not out.requires_grad:
+            raise NotDifferentiableError(_NOT_DIFFERENTIABLE)
+        self.record_evaluation(out)
+        return out
 
     def _grid_hit(self, x: Tensor, t: Tensor) -> tuple | None:
         if self._grid is None:
@@ -237,6 +271,10 @@ class ReverseSDE(EquationBase):
         With ``differentiable=True`` (the likelihood's divergence) a model output without an autograd graph
         to ``x`` raises :class:`~sdegen.errors.NotDifferentiableError` instead of giving a wrong divergence.
         """
+        hit = self._grid_hit(x, t)
+        if hit is not None and hit[6] is not None:  # a ScoreModel on a grid time: one fused update
+            big_a, big_b = hit[6][0], hit[6][1]
+            return torch.addcmul(big_a * x, big_b, self._raw_output(x, hit[1], differentiable))
         if self._interpolant and self._predicts:
             return self._flow_drift(x, t, differentiable)
         score = self.score(x, t)
@@ -324,6 +362,18 @@ class ReverseSDE(EquationBase):
         from its own parametrisation; otherwise, or with ``score`` given, Tweedie's formula
         ``(x + s² ∇log p_t) / m``.
         """
+        if score is None:
+            hit = self._grid_hit(x, t)
+            if hit is not None and hit[6] is not None:  # a ScoreModel on a grid time: x̂0 = U x + V out
+                out = self._raw_output(x, hit[1], False)
+                u, v = hit[6][2], hit[6][3]
+                return out if u is None else torch.addcmul(u * x, v, out)
+        if score is None and self._denoises:  # the model's x̂0 alone: no score computed
+            hit = self._grid_hit(x, t)
+            x0 = self._check_output(x, self.score_fn.denoise(x, hit[1] if hit is not None else as_batch_time(t, x),
+                                                             **self.model_kwargs))
+            self.record_evaluation(x0)
+            return x0
         if score is None and self._predicts:
             _, x0 = self._evaluate(x, t, predict=True)
             return x0

@@ -53,6 +53,7 @@ def test_stochastic_heun_strong_order_one_on_additive_noise():
 # What the order tests do with each registered solver. A new or renamed solver fails
 # test_every_solver_is_listed until it is listed here: a crash or a refusal is a failure, never a skip.
 ODE_ORDER = {
+    "euler": "measure",
     "euler_maruyama": "measure",
     "heun": "measure",
     "ddim": "measure",
@@ -74,6 +75,7 @@ ODE_ORDER = {
     "pc": "sde only",
 }
 STRONG_ORDER = {
+    "euler": "none declared",  # ODE only: "euler_maruyama" is its SDE form
     "euler_maruyama": "measure",
     "heun": "measure",
     "reverse_diffusion": "measure",

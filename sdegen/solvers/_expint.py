@@ -32,20 +32,24 @@ def grid_kernel(eq: Any, times: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return m, s, torch.log(m) - torch.log(s)
 
 
-def phis(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``φ1 = −expm1(−h)``, ``φ2 = expm1(−h)/h + 1``, ``φ3 = (expm1(−h) + h)/h² − ½``; series for small ``h``;
-    ``h = ∞`` (a step from ``m = 0``) gives ``(1, 1, −½)``.
+def phis(h: Tensor, count: int = 3) -> tuple[Tensor, ...]:
+    """``φ1 = −expm1(−h)``, ``φ2 = expm1(−h)/h + 1``, ``φ3 = (expm1(−h) + h)/h² − ½`` (the first ``count`` of
+    them); series for small ``h``; ``h = ∞`` (a step from ``m = 0``) gives ``(1, 1, −½)``.
 
     With ``u`` the distance from the start of a step of length ``h`` in ``ℓ``: ``∫_0^h e^{u−h} du = φ1``,
     ``∫_0^h e^{u−h} u du = h φ2`` and ``∫_0^h e^{u−h} u² du = −2 h² φ3``.
     """
     em1 = torch.expm1(-h)
+    if count == 1:
+        return (-em1,)
     small = h.abs() < 0.1
     inf = torch.isinf(h)
     hs = torch.where(small | inf, torch.ones_like(h), h)  # avoid 0/0 and ∞/∞ in the branches not taken
     phi2 = torch.where(small, h / 2 - h**2 / 6 + h**3 / 24 - h**4 / 120, em1 / hs + 1)
-    phi3 = torch.where(small, -h / 6 + h**2 / 24 - h**3 / 120 + h**4 / 720, (em1 + hs) / hs**2 - 0.5)
     phi2 = torch.where(inf, torch.ones_like(h), phi2)
+    if count == 2:
+        return -em1, phi2
+    phi3 = torch.where(small, -h / 6 + h**2 / 24 - h**3 / 120 + h**4 / 720, (em1 + hs) / hs**2 - 0.5)
     phi3 = torch.where(inf, torch.full_like(h, -0.5), phi3)
     return -em1, phi2, phi3
 

@@ -54,6 +54,7 @@ implementations' weight).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -109,7 +110,11 @@ def multistep_coefficients(
     n = times.shape[0] - 1
     h = ell[1:] - ell[:-1]  # (N,) > 0 when sampling
     big_h = (1.0 + eta) * h
-    phi1, phi2, phi3 = phis(big_h)
+    if orders is None:
+        orders = _orders(order, n, False)
+    top = max(orders, default=1)  # the highest order any step uses: only its coefficients are computed
+    phi = phis(big_h, 3 if top >= 3 else 2 if top == 2 and variant != "midpoint" else 1)
+    phi1 = phi[0]
     m_next = m[1:]
     if eta == 0.0:
         a = s[1:] / s[:-1]
@@ -117,27 +122,32 @@ def multistep_coefficients(
     else:
         a = s[1:] / s[:-1] * torch.exp(-eta * h)
         c = s[1:] * torch.sqrt(-torch.expm1(-2.0 * eta * h))
-    # r_j = h_{i-j} / h_i, shifted so index i reads the previous steps (1 where undefined)
-    r1 = torch.cat([h[:1], h[:-1]]) / h
-    r2 = torch.cat([h[:2], h[:-2]])[:n] / h
     zero = torch.zeros_like(h)
-    if orders is None:
-        orders = _orders(order, n, False)
-    ords = torch.tensor(orders, device=times.device)
-    # order 1 (DDIM / DPM-Solver-1)
-    w1 = [m_next * phi1, zero, zero]
-    # order 2: D = D_0 + c (D_0 − D_1) / r_1, c = φ1/2 (midpoint, Alg. 1) or φ2 (heun: the exact weight)
-    c2 = 0.5 * phi1 if variant == "midpoint" else phi2
-    w2 = [m_next * (phi1 + c2 / r1), -m_next * c2 / r1, zero]
-    # order 3: m φ1 D_0 + m φ2 D1 − k m φ3 D2 (k = 2 exact, 1 halved) expanded into weights on D_0, D_1, D_2
-    k = 2.0 if d2_weight == "exact" else 1.0
-    q = r1 / (r1 + r2)
-    big_a = m_next * (phi2 * (1 + q) - k * phi3 / (r1 + r2))  # coefficient of D1_0
-    big_b = m_next * (-phi2 * q + k * phi3 / (r1 + r2))  # coefficient of D1_1
-    w3 = [m_next * phi1 + big_a / r1, -big_a / r1 + big_b / r2, -big_b / r2]
-    w = torch.zeros(order, n, dtype=h.dtype, device=h.device)
-    for j in range(order):
-        w[j] = torch.where(ords == 1, w1[j], torch.where(ords == 2, w2[j], w3[j]))
+    rows = [[m_next * phi1, zero, zero]]  # order 1 (DDIM / DPM-Solver-1)
+    if top >= 2:
+        # r_j = h_{i-j} / h_i, shifted so index i reads the previous steps (1 where undefined)
+        r1 = torch.cat([h[:1], h[:-1]]) / h
+        # order 2: D = D_0 + c (D_0 − D_1) / r_1, c = φ1/2 (midpoint, Alg. 1) or φ2 (heun: the exact weight)
+        c2 = 0.5 * phi1 if variant == "midpoint" else phi[1]
+        rows.append([m_next * (phi1 + c2 / r1), -m_next * c2 / r1, zero])
+    if top >= 3:
+        phi2, phi3 = phi[1], phi[2]
+        r2 = torch.cat([h[:2], h[:-2]])[:n] / h
+        # order 3: m φ1 D_0 + m φ2 D1 − k m φ3 D2 (k = 2 exact, 1 halved) expanded into weights on D_0, D_1, D_2
+        k = 2.0 if d2_weight == "exact" else 1.0
+        q = r1 / (r1 + r2)
+        big_a = m_next * (phi2 * (1 + q) - k * phi3 / (r1 + r2))  # coefficient of D1_0
+        big_b = m_next * (-phi2 * q + k * phi3 / (r1 + r2))  # coefficient of D1_1
+        rows.append([m_next * phi1 + big_a / r1, -big_a / r1 + big_b / r2, -big_b / r2])
+    if top == 1:
+        w = torch.stack([rows[0][j] for j in range(order)])
+    else:
+        ords = torch.tensor(orders, device=times.device)
+        w = torch.stack([
+            functools.reduce(lambda acc, o: torch.where(ords == o, rows[o - 1][j], acc), range(top - 1, 0, -1),
+                             rows[top - 1][j])
+            for j in range(order)
+        ])
     return a, w, c
 
 

@@ -30,3 +30,13 @@ class EulerMaruyama(Solver):
             if dw is not None:
                 x_next = x_next + eq.diffusion(x, t) * dw
         return x_next, state
+
+
+class Euler(EulerMaruyama):
+    """Explicit Euler on the probability-flow ODE (``noise_scale=0``): k-diffusion's ``sample_euler`` and
+    diffusers' ``EulerDiscreteScheduler`` without churn. For the reverse SDE use ``"euler_maruyama"``."""
+
+    name = "euler"
+    supports_sde = False
+    strong_order = None
+    weak_order = None
