@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sdegen import EDMSDE, ReverseSDE, from_denoiser, get_solver, integrate, make_grid, reverse_sample
+from sdegen import EDMSDE, ReverseSDE, from_denoiser, from_epsilon, get_solver, integrate, make_grid, reverse_sample
 
 from .common import best_time, k_diffusion
 
@@ -195,7 +195,8 @@ def _interleaved(a, b, repeats: int) -> tuple[float, float]:
 
 
 def whole_calls(quick: bool = False, log=print) -> list[dict]:
-    """Whole sampling calls (grid, per-grid coefficients, prior handling, loop) with a zero-cost model.
+    """Whole sampling calls (grid, per-grid coefficients, prior handling, loop) with a zero-cost model, given
+    to both libraries in the same parametrisation (k-diffusion: the identity denoiser; diffusers: ε = 0).
 
     sdegen's new multistep samplers at their default grid vs the same method in k-diffusion (Karras grid,
     its default) or diffusers (its scheduler loop): ``reverse_sample(x_T=...)`` against ``sample_*`` /
@@ -207,6 +208,8 @@ def whole_calls(quick: bool = False, log=print) -> list[dict]:
     kd = k_diffusion()
     diffusers = _optional("diffusers")
     sde = EDMSDE()
+    identity = lambda y, s: y  # noqa: E731 - the zero-cost denoiser, the same for both libraries
+    same_denoiser = from_denoiser(identity, sde)  # sdegen's view of it (EDM: t = σ)
     shapes = [(1024, 2), (64, 3, 32, 32)] if not quick else [(1024, 2)]
     rows = []
     for shape in shapes:
@@ -218,11 +221,13 @@ def whole_calls(quick: bool = False, log=print) -> list[dict]:
                 sig = kd.get_sigmas_karras(nfe, 0.002, 80.0)
                 pairs += [
                     ("lms", "k-diffusion sample_lms",
-                     lambda x=x, sig=sig: kd.sample_lms(lambda y, s: y, x, sig, disable=True), {}),
+                     lambda x=x, sig=sig: kd.sample_lms(identity, x, sig, disable=True), {}, same_denoiser),
                     ("dpmpp_3m", "k-diffusion sample_dpmpp_3m_sde(eta=0)",
-                     lambda x=x, sig=sig: kd.sample_dpmpp_3m_sde(lambda y, s: y, x, sig, eta=0.0, disable=True), {}),
+                     lambda x=x, sig=sig: kd.sample_dpmpp_3m_sde(identity, x, sig, eta=0.0, disable=True), {},
+                     same_denoiser),
                     ("dpmpp_2m_sde", "k-diffusion sample_dpmpp_2m_sde",
-                     lambda x=x, sig=sig: kd.sample_dpmpp_2m_sde(lambda y, s: y, x, sig, disable=True), {"seed": 0}),
+                     lambda x=x, sig=sig: kd.sample_dpmpp_2m_sde(identity, x, sig, disable=True), {"seed": 0},
+                     same_denoiser),
                 ]
             if diffusers is not None:
                 def unipc(n=nfe, x=x, zero=zero):
@@ -233,10 +238,11 @@ def whole_calls(quick: bool = False, log=print) -> list[dict]:
                         y = sched.step(zero, ts, y).prev_sample
                     return y
 
-                pairs.append(("unipc", "diffusers UniPCMultistepScheduler", unipc, {}))
-            for ours, theirs, peer, kw in pairs:
-                def mine(ours=ours, kw=kw, n=nfe, x=x, zero=zero):
-                    return reverse_sample(sde, lambda y, t: zero, x_T=x, solver=ours, steps=n, **kw)
+                pairs.append(("unipc", "diffusers UniPCMultistepScheduler", unipc, {},
+                              from_epsilon(lambda y, t, zero=zero: zero, sde)))  # the same ε-prediction
+            for ours, theirs, peer, kw, model in pairs:
+                def mine(ours=ours, kw=kw, n=nfe, x=x, model=model):
+                    return reverse_sample(sde, model, x_T=x, solver=ours, steps=n, **kw)
 
                 ta, tb = _interleaved(mine, peer, 3 if quick else 7)
                 row = {"shape": list(shape), "nfe": nfe, "sdegen": ours, "peer": theirs, "sdegen_ms": 1e3 * ta,
