@@ -362,22 +362,19 @@ class ReverseSDE(EquationBase):
         from its own parametrisation; otherwise, or with ``score`` given, Tweedie's formula
         ``(x + s² ∇log p_t) / m``.
         """
-        if score is None:
-            hit = self._grid_hit(x, t)
-            if hit is not None and hit[6] is not None:  # a ScoreModel on a grid time: x̂0 = U x + V out
-                out = self._raw_output(x, hit[1], False)
-                u, v = hit[6][2], hit[6][3]
-                return out if u is None else torch.addcmul(u * x, v, out)
+        hit = self._grid_hit(x, t)
+        if score is None and hit is not None and hit[6] is not None:  # a ScoreModel on a grid time
+            out = self._raw_output(x, hit[1], False)
+            u, v = hit[6][2], hit[6][3]
+            return out if u is None else torch.addcmul(u * x, v, out)  # x̂0 = U x + V out
         if score is None and self._denoises:  # the model's x̂0 alone: no score computed
-            hit = self._grid_hit(x, t)
-            x0 = self._check_output(x, self.score_fn.denoise(x, hit[1] if hit is not None else as_batch_time(t, x),
-                                                             **self.model_kwargs))
+            tb = hit[1] if hit is not None else as_batch_time(t, x)
+            x0 = self._check_output(x, self.score_fn.denoise(x, tb, **self.model_kwargs))
             self.record_evaluation(x0)
             return x0
         if score is None and self._predicts:
             _, x0 = self._evaluate(x, t, predict=True)
             return x0
-        hit = self._grid_hit(x, t)
         if hit is not None:  # a grid time: x/m + (s²/m) score with 0-d coefficients made once per grid
             if self._tweedie_coef is None:
                 m, s = self.marginal(self._grid_tt)
