@@ -22,6 +22,7 @@ Time may run in either direction: sampling integrates from ``T`` down to ``t_min
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -264,7 +265,29 @@ def _bar(progress: bool | None, name: str, total: int, unit: str) -> Any:
         if progress is None:
             return None
         raise ImportError("progress=True needs tqdm: pip install tqdm") from err
-    return tqdm(total=total, desc=f"sdegen {name}", unit=unit, delay=0.0 if progress else AUTO_PROGRESS_AFTER)
+    if progress is None:
+        return _AutoBar(lambda n: tqdm(total=total, desc=f"sdegen {name}", unit=unit, initial=n))
+    return tqdm(total=total, desc=f"sdegen {name}", unit=unit)
+
+
+class _AutoBar:
+    """A bar made only once the call has run :data:`AUTO_PROGRESS_AFTER` seconds (then a tqdm bar starting at the
+    progress so far): a short call pays one clock read per update, not a tqdm bar's construction."""
+
+    def __init__(self, make: Any):
+        self.make, self.bar, self.n = make, None, 0
+        self.start = time.perf_counter()
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        if self.bar is not None:
+            self.bar.update(k)
+        elif time.perf_counter() - self.start >= AUTO_PROGRESS_AFTER:
+            self.bar = self.make(self.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class _Percent:
