@@ -26,7 +26,7 @@ import torch
 from sdegen import VPSDE, ReverseSDE, get_solver, integrate, make_grid, reverse_sample
 from sdegen.discrete import DiscreteVPSDE
 from sdegen.integrations.diffusers import DiffusersNetwork, from_diffusers
-from sdegen.testing import GaussianMixture
+from sdegen.testing import GaussianMixture, PredrawnNoise
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -168,25 +168,6 @@ def test_learned_variance_channels_are_dropped_and_errors():
 
 
 # -- cross-checks against diffusers' schedulers with a real (random) UNet ----------------------------------
-class _ListNoise:
-    """A NoiseSource serving pre-drawn tensors in order (identical noise for both libraries)."""
-
-    def __init__(self, draws):
-        self.draws, self.used = list(draws), 0
-
-    def normal(self, shape, *, device, dtype):
-        z = self.draws[self.used]
-        self.used += 1
-        assert tuple(z.shape) == tuple(shape)
-        return z.to(device=device, dtype=dtype)
-
-    def uniform(self, shape, *, device, dtype):
-        raise AssertionError("no uniform draws expected")
-
-    def select(self, index):
-        return self
-
-
 @pytest.fixture(scope="module")
 def unet():
     torch.manual_seed(0)
@@ -279,7 +260,7 @@ def test_stochastic_ddim_reproduces_ddim_scheduler_eta(unet):
         sde, score = from_diffusers(unet, sched)
         times = sde.timesteps_to_times(sched.timesteps)
         eq = ReverseSDE(sde, score, noise_scale=eta)
-        noise = _ListNoise(zs)
+        noise = PredrawnNoise(zs)
         sol = integrate(eq, x, times, get_solver("ddim", eta=eta), noise, final_step="tweedie")
     _close(sol.x, ref)
     assert noise.used == steps - 1  # the final (x̂0) step draws nothing; diffusers' zero-variance draw is unused
@@ -315,7 +296,7 @@ def test_reproduces_ddpm_scheduler(unet, solver, options, variance_type):
         sde, score = from_diffusers(unet, sched)
         times = sde.timesteps_to_times(sched.timesteps)
         eq = ReverseSDE(sde, score, noise_scale=1.0)
-        noise = _ListNoise(zs[:-1])
+        noise = PredrawnNoise(zs[:-1])
         sol = integrate(eq, x, times, get_solver(solver, **options), noise, final_step="tweedie")
         assert noise.used == steps - 1
     _close(sol.x, ref)
@@ -411,10 +392,10 @@ def test_ddpm_scheduler_with_clip_sample_is_reproduced(unet):
         sde, score = from_diffusers(unet, sched)
         eq = ReverseSDE(sde, score, noise_scale=1.0)
         sol = integrate(eq, x, sde.timesteps_to_times(sched.timesteps), get_solver("ancestral", variance="posterior"),
-                        _ListNoise(zs[:-1]), final_step="tweedie")
+                        PredrawnNoise(zs[:-1]), final_step="tweedie")
         raw = integrate(ReverseSDE(sde, from_diffusers(unet, sched, thresholding=None)[1], noise_scale=1.0), x,
                         sde.timesteps_to_times(sched.timesteps), get_solver("ancestral", variance="posterior"),
-                        _ListNoise(zs[:-1]), final_step="tweedie")
+                        PredrawnNoise(zs[:-1]), final_step="tweedie")
     _close(sol.x, ref)
     assert (raw.x - ref).abs().max() > 1e-3  # without the clipping the result differs
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from sdegen import EDMSDE, VPSDE, ReverseSDE, get_solver, integrate, reverse_sample
-from sdegen.testing import GaussianMixture
+from sdegen.testing import GaussianMixture, PredrawnNoise
 from sdegen.testing.peers import load_k_diffusion_sampling
 
 GM = GaussianMixture([0.5, 0.5], [[-1.0, 0.5, 0.0], [1.0, -0.5, 0.5]], [[0.2, 0.3, 0.1], [0.3, 0.1, 0.2]])
@@ -32,25 +32,6 @@ GM = GaussianMixture([0.5, 0.5], [[-1.0, 0.5, 0.0], [1.0, -0.5, 0.5]], [[0.2, 0.
 def _close(a, b, rel=1e-12):
     scale = b.abs().max()
     assert (a - b).abs().max() <= rel * scale, f"max diff {(a - b).abs().max():.3g} at scale {scale:.3g}"
-
-
-class _ListNoise:
-    """A NoiseSource serving pre-drawn tensors in order (identical noise for sdegen and the reference)."""
-
-    def __init__(self, draws):
-        self.draws, self.used = list(draws), 0
-
-    def normal(self, shape, *, device, dtype):
-        z = self.draws[self.used]
-        self.used += 1
-        assert tuple(z.shape) == tuple(shape)
-        return z.to(device=device, dtype=dtype)
-
-    def uniform(self, shape, *, device, dtype):
-        raise AssertionError("no uniform draws expected")
-
-    def select(self, index):
-        return self
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +66,7 @@ def test_dpmpp_sde_reproduces_k_diffusion(kd, eta, kname, name, opts):
         options["variant"] = opts["solver_type"]
     if name == "dpmpp_3m_sde":
         options["d2_weight"] = "halved"  # the reference weight of the second difference (sdegen.solvers.dpmpp)
-    noise = _ListNoise(zs)
+    noise = PredrawnNoise(zs)
     eq = ReverseSDE(sde, pm.score, noise_scale=math.sqrt(eta))  # k-diffusion's eta is η = λ²
     sol = integrate(eq, x, sigmas[:-1], get_solver(name, **options), noise if eta else None, final_step="tweedie")
     _close(sol.x, ref)
@@ -213,7 +194,7 @@ def test_dpmpp_2m_sde_reproduces_diffusers_sde_dpmsolver(unet, variant):
             ref = sched.step(unet(ref, ts).sample, ts, ref, variance_noise=z).prev_sample
         sde, score = from_diffusers(unet, sched)
         eq = ReverseSDE(sde, score, noise_scale=1.0)
-        noise = _ListNoise(zs)
+        noise = PredrawnNoise(zs)
         sol = integrate(eq, x, sde.timesteps_to_times(sched.timesteps), get_solver("dpmpp_2m_sde", variant=variant),
                         noise, final_step="tweedie")
     _close(sol.x, ref, 1e-6)  # diffusers casts sample and noise to float32 in step (measured 1.4e-7)

@@ -305,3 +305,19 @@ def test_image_shaped_states_work_with_the_oracle(shape):
     mix = GaussianMixture([1.0], torch.zeros(1, d), torch.ones(1))
     x = torch.randn(shape, dtype=F64, generator=gen(10))
     torch.testing.assert_close(mix.perturbed(VPSDE()).score(x, 0.5), -x)  # N(0, I) is VP-stationary
+
+
+def test_predrawn_noise_serves_draws_in_order_and_names_misuse():
+    from sdegen.testing import PredrawnNoise
+
+    zs = [torch.randn(3, 2, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    noise = PredrawnNoise(zs)
+    assert torch.equal(noise.normal((3, 2), device="cpu", dtype=torch.float32), zs[0])
+    with pytest.raises(AssertionError, match="draw 2 has shape"):
+        noise.normal((3, 3), device="cpu", dtype=torch.float32)
+    assert torch.equal(noise.normal((3, 2), device="cpu", dtype=torch.float64), zs[1].double())
+    with pytest.raises(AssertionError, match="draw 3 requested, only 2"):
+        noise.normal((3, 2), device="cpu", dtype=torch.float32)
+    with pytest.raises(AssertionError, match="uniform"):
+        noise.uniform((3, 2), device="cpu", dtype=torch.float32)
+    assert noise.used == 2 and noise.select(torch.tensor([0])) is noise

@@ -4,7 +4,8 @@
   are known in closed form (score, log-density, samples, ε / x̂0 / v predictions).
 * :class:`OrnsteinUhlenbeck`, :class:`GeometricBrownianMotion` — linear SDEs with exact pathwise
   solutions and moments; :class:`ForwardEquation`, :class:`BrownianPath`, :class:`ReplayNoise` drive
-  any solver forward in time along a shared Brownian path.
+  any solver forward in time along a shared Brownian path; :class:`PredrawnNoise` serves given normal
+  draws in order (identical noise for a cross-check against another implementation).
 * :func:`energy_test`, :func:`moment_check`, :func:`mixture_weight_check` — distribution checks with a
   stated false-failure rate.
 * :func:`measure_order` — empirical strong / weak / ODE convergence orders.
@@ -21,7 +22,14 @@ from .distances import (
     moment_check,
     responsibilities,
 )
-from .linear_sdes import BrownianPath, ForwardEquation, GeometricBrownianMotion, OrnsteinUhlenbeck, ReplayNoise
+from .linear_sdes import (
+    BrownianPath,
+    ForwardEquation,
+    GeometricBrownianMotion,
+    OrnsteinUhlenbeck,
+    PredrawnNoise,
+    ReplayNoise,
+)
 from .mixture import GaussianMixture, PerturbedMixture
 from .order import (
     PROBLEMS,
@@ -43,6 +51,7 @@ __all__ = [
     "ForwardEquation",
     "BrownianPath",
     "ReplayNoise",
+    "PredrawnNoise",
     "energy_distance",
     "energy_test",
     "EnergyTestResult",

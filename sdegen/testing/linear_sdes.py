@@ -36,6 +36,7 @@ __all__ = [
     "ForwardEquation",
     "BrownianPath",
     "ReplayNoise",
+    "PredrawnNoise",
 ]
 
 
@@ -258,6 +259,36 @@ class ForwardEquation(EquationBase):
 
     def __repr__(self) -> str:
         return f"ForwardEquation({self.sde!r}, ode={self._ode})"
+
+
+class PredrawnNoise:
+    """A :class:`~sdegen.noise.NoiseSource` serving given standard-normal tensors in order, one per ``normal`` call.
+
+    For cross-checks against another implementation with **identical noise**: draw the ``z`` tensors once,
+    feed them to the reference sampler, and give the same list to sdegen (unlike :class:`ReplayNoise`, the
+    draws are served as they are, not as Brownian increments of a grid). A draw of another shape, one
+    beyond the list, or a ``uniform`` draw raises ``AssertionError`` naming the draw; :attr:`used` counts the
+    draws so far.
+
+    Args:
+        draws: the tensors, in the order the solver will draw them.
+    """
+
+    def __init__(self, draws: Sequence[Tensor]):
+        self.draws, self.used = list(draws), 0
+
+    def normal(self, shape, *, device, dtype):
+        assert self.used < len(self.draws), f"draw {self.used + 1} requested, only {len(self.draws)} were given"
+        z = self.draws[self.used]
+        assert tuple(z.shape) == tuple(shape), f"draw {self.used + 1} has shape {tuple(z.shape)}, asked {tuple(shape)}"
+        self.used += 1
+        return z.to(device=device, dtype=dtype)
+
+    def uniform(self, shape, *, device, dtype):
+        raise AssertionError("PredrawnNoise serves normal draws only; the solver asked for a uniform draw")
+
+    def select(self, index):
+        return self
 
 
 class ReplayNoise:
