@@ -418,10 +418,8 @@ def test_ddim_scheduler_with_clip_sample_is_reproduced(unet):
     _close(out, ref)
 
 
-def test_dpm_solver_multistep_with_dynamic_thresholding_is_reproduced(unet):
-    steps = 16  # >= 15: diffusers lowers no order before its last step (σ = 0, i.e. final_step="tweedie")
-    sched = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=N_TRAIN, thresholding=True,
-                                                  dynamic_thresholding_ratio=0.9, sample_max_value=1.5)
+def _multistep_reference(sched, unet, steps):
+    """``(x_T, diffusers' sample)`` of a multistep scheduler's own loop, its schedule in float64."""
     sched.alphas_cumprod = sched.alphas_cumprod.double()
     sched.set_timesteps(steps)
     ts_ = sched.timesteps
@@ -432,6 +430,15 @@ def test_dpm_solver_multistep_with_dynamic_thresholding_is_reproduced(unet):
         ref = x.clone()
         for ts in sched.timesteps:
             ref = sched.step(unet(ref, ts).sample, ts, ref).prev_sample
+    return x, ref
+
+
+def test_dpm_solver_multistep_with_dynamic_thresholding_is_reproduced(unet):
+    steps = 16  # >= 15: diffusers lowers no order before its last step (σ = 0, i.e. final_step="tweedie")
+    sched = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=N_TRAIN, thresholding=True,
+                                                  dynamic_thresholding_ratio=0.9, sample_max_value=1.5)
+    x, ref = _multistep_reference(sched, unet, steps)
+    with torch.no_grad():
         sde, score = from_diffusers(unet, sched)
         assert score.thresholding.mode == "dynamic" and score.thresholding.max_value == 1.5
         out = reverse_sample(sde, score, x_T=x, times=sde.timesteps_to_times(sched.timesteps), solver="dpmpp_2m",
@@ -444,16 +451,8 @@ def test_unipc_scheduler_with_dynamic_thresholding_is_reproduced(unet):
     steps = 8
     sched = diffusers.UniPCMultistepScheduler(num_train_timesteps=N_TRAIN, thresholding=True,
                                               dynamic_thresholding_ratio=0.95, sample_max_value=2.0)
-    sched.alphas_cumprod = sched.alphas_cumprod.double()
-    sched.set_timesteps(steps)
-    ts_ = sched.timesteps
-    acp = sched.alphas_cumprod
-    sched.sigmas = torch.cat([((1 - acp[ts_]) / acp[ts_]).sqrt(), torch.zeros(1, dtype=torch.float64)])
-    x = _x_T()
+    x, ref = _multistep_reference(sched, unet, steps)
     with torch.no_grad():
-        ref = x.clone()
-        for ts in sched.timesteps:
-            ref = sched.step(unet(ref, ts).sample, ts, ref).prev_sample
         sde, score = from_diffusers(unet, sched)
         out = reverse_sample(sde, score, x_T=x, times=sde.timesteps_to_times(sched.timesteps), solver="unipc",
                              order=2, final_step="tweedie", lower_order_final="diffusers")

@@ -27,17 +27,9 @@ from torch import Tensor
 
 from ..interpolant import FlowMatchingSDE
 from ..models import FlowModel
+from .diffusers import _config
 
 __all__ = ["from_diffusers_flow", "is_flow_scheduler", "DiffusersFlowSDE", "DiffusersFlowNetwork"]
-
-
-def _config(scheduler: Any, key: str, default: Any) -> Any:
-    cfg = getattr(scheduler, "config", None)
-    if cfg is None:
-        return default
-    if isinstance(cfg, dict):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
 
 
 def is_flow_scheduler(scheduler: Any) -> bool:
