@@ -18,9 +18,11 @@ from sdegen import (
     MaxStepsExceeded,
     NonFiniteError,
     NotDifferentiableError,
+    available_solvers,
     bits_per_dim,
     classifier_free,
     forward_sample,
+    from_epsilon,
     get_solver,
     log_likelihood,
     reverse_sample,
@@ -224,12 +226,33 @@ def test_misspelt_options_suggest_the_right_word():
 
 
 # -- newcomers' first calls work with the defaults --------------------------------------------------------
-@pytest.mark.parametrize("solver", ["dpmpp_2m", "dpmpp_3m", "rk45", "tsit5", "bosh3", "edm", "ddim", "heun"])
+@pytest.mark.parametrize("solver", available_solvers())
 def test_first_natural_call_works(solver):
+    """Every registered solver with its defaults only (grid, steps, noise scale), on a plain score function
+    and on a wrapped ε-network (the fused fixed-grid path): finite samples of the right shape."""
     sde = VPSDE()
     score = GM.perturbed(sde).score
     x = reverse_sample(sde, score, (16, 2), solver=solver, generator=_gen())
     assert x.shape == (16, 2) and torch.isfinite(x).all()
+    eps_net = from_epsilon(lambda y, t: -score(y, t) * sde.marginal(t)[1][:, None], sde)
+    x = reverse_sample(sde, eps_net, (16, 2), solver=solver, generator=_gen())
+    assert x.shape == (16, 2) and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "dpmpp_2m", "ddim"])
+def test_nan_from_a_wrapped_network_is_blamed_on_the_network(solver):
+    """A NaN from the network on the fused fixed-grid path of a ScoreModel is reported as the model's, at
+    the evaluation it happened."""
+    sde = VPSDE()
+    calls = {"n": 0}
+
+    def eps(y, t):
+        calls["n"] += 1
+        out = 0.1 * y
+        return out * math.nan if calls["n"] == 3 else out
+
+    with pytest.raises(NonFiniteError, match="score model returned NaN/Inf \\(network evaluation 3\\)"):
+        reverse_sample(sde, from_epsilon(eps, sde), (4, 2), solver=solver, steps=6, generator=_gen())
 
 
 def test_nan_in_initial_state_of_integrate_is_not_blamed_on_the_model():
