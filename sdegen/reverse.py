@@ -154,36 +154,37 @@ class ReverseSDE(EquationBase):
             return
         grid = torch.stack(list(times))
         tt = grid.to(device=x.device, dtype=grid.dtype if grid.dtype == torch.float64 else time_dtype(x.dtype))
-        batch_t = tt[:, None].expand(len(times), x.shape[0]).unbind()
-        if self._affine:
+        n = len(times)
+        batch_t = tt[:, None].expand(n, x.shape[0]).unbind()
+        none: Sequence = (None,) * n
+        linear = self._linear_rows(tt, x, n)
+        a = g2 = flow = none
+        if linear is None and self._affine:  # (fused updates need neither a(t), g(t)² nor the velocity form)
             a = self.sde.drift_coef(tt).to(x.dtype).unbind()
             g = self.sde.diffusion_coef(tt).to(x.dtype)
             g2 = (g * g).unbind()
-        else:
-            a = g2 = (None,) * len(times)
-        flow: Sequence = (None,) * len(times)
-        if self._interpolant:  # the velocity-form coefficients (α̇, c) of _flow_drift
-            da, c = self.sde.flow_coefficients(tt, self.noise_scale)
-            flow = list(zip(da.to(x.dtype).unbind(), c.to(x.dtype).unbind(), strict=True))
-        linear = self._linear_rows(tt, x, len(times))
-        rows = zip(times, batch_t, a, g2, flow, linear, strict=True)
+            if self._interpolant:  # the velocity-form coefficients (α̇, c) of _flow_drift
+                da, c = self.sde.flow_coefficients(tt, self.noise_scale)
+                flow = list(zip(da.to(x.dtype).unbind(), c.to(x.dtype).unbind(), strict=True))
+        rows = zip(times, batch_t, a, g2, flow, none if linear is None else linear, strict=True)
         self._grid = {id(v): (v, bt, ai, gi, k, fi, li) for k, (v, bt, ai, gi, fi, li) in enumerate(rows)}
         self._grid_key = (x.shape[0], x.dtype, x.device)
         self._grid_tt = tt
         self._tweedie_coef = None  # (1/m, s²/m) per grid time, made on the first denoise() from a score
 
-    def _linear_rows(self, tt: Tensor, x: Tensor, n: int) -> Sequence:
+    def _linear_rows(self, tt: Tensor, x: Tensor, n: int) -> list[tuple] | None:
         """Per grid time ``(A, B, U, V)``: drift ``= A x + B out`` and ``x̂0 = U x + V out`` for the raw output
         ``out`` of a :class:`~sdegen.models.ScoreModel` (its :meth:`~sdegen.models.ScoreModel.linear_coefficients`
-        folded with the SDE's coefficients), or None per time when the model offers none."""
+        folded with the SDE's coefficients; ``U = V = None`` for ``x̂0 = out``), or None when the model offers
+        none."""
         # exactly these classes: a subclass may override how the output becomes a score
         if not (self._affine and type(self.score_fn) in (ScoreModel, FlowModel)):
-            return (None,) * n
+            return None
         if tt.device.type != "mps":  # float64 coefficients where the device has it: one rounding at the cast
             tt = tt.to(torch.float64)
         pq = self.score_fn.linear_coefficients(tt)
         if pq is None:
-            return (None,) * n
+            return None
         p, q, u, v = pq
         if self._interpolant and self._predicts:  # velocity form: α̇ x̂0 − c score (finite where α = 0)
             da, c = self.sde.flow_coefficients(tt, self.noise_scale)
@@ -192,8 +193,11 @@ class ReverseSDE(EquationBase):
         else:  # a x − (1 + λ²)/2 g² score
             k = -0.5 * (1.0 + self.noise_scale**2) * self.sde.diffusion_coef(tt) ** 2
             big_a, big_b = self.sde.drift_coef(tt) + k * p, k * q
-        cast = [w.to(x.dtype).unbind() if w is not None else (None,) * n for w in (big_a, big_b, u, v)]
-        return list(zip(*cast, strict=True))
+        cols = [big_a, big_b] if u is None else [big_a, big_b, u, v]
+        # one cast and one unbind for the whole table: n rows of len(cols) 0-d tensors
+        flat = torch.stack(torch.broadcast_tensors(*cols), dim=1).to(x.dtype).reshape(-1).unbind()
+        rows = list(zip(*[iter(flat)] * len(cols), strict=True))
+        return rows if u is not None else [(ai, bi, None, None) for ai, bi in rows]
 
     def _raw_output(self, x: Tensor, tb: Tensor, differentiable: bool) -> Tensor:
         """The model's raw network output (one evaluation, checked and counted), for the fused grid updates."""
@@ -249,7 +253,7 @@ class ReverseSDE(EquationBase):
         """Reverse drift given an already computed score (no network call)."""
         coef = 0.5 * (1.0 + self.noise_scale**2)
         hit = self._grid_hit(x, t) if self._affine else None
-        if hit is not None:  # a(t), g(t)² precomputed for this grid time
+        if hit is not None and hit[2] is not None:  # a(t), g(t)² precomputed for this grid time
             return torch.addcmul(hit[2] * x, hit[3], score, value=-coef)
         if self._affine and isinstance(t, Tensor) and t.ndim == 0:
             # fast path, same values: a(t) x − coef g(t)² score with 0-d coefficients (no bcast)
@@ -296,7 +300,7 @@ class ReverseSDE(EquationBase):
         score, x0 = self._evaluate(x, tb, predict=True)
         if differentiable and not (score.requires_grad or x0.requires_grad):
             raise NotDifferentiableError(_NOT_DIFFERENTIABLE)
-        if hit is not None:
+        if hit is not None and hit[5] is not None:
             da, c = hit[5]
         else:
             if isinstance(t, Tensor) and t.ndim == 0:
