@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["coefficient_dtype", "grid_kernel", "phis", "per_step", "CachedDenoise"]
+__all__ = ["coefficient_dtype", "grid_kernel", "phis", "per_step", "multistep_orders", "CachedDenoise"]
+
+LOWER_ORDER_FINAL_BELOW = 15  # diffusers: lower_order_final applies to grids of < 15 steps
 
 
 def coefficient_dtype(device: torch.device) -> torch.dtype:
@@ -52,6 +54,19 @@ def phis(h: Tensor, count: int = 3) -> tuple[Tensor, ...]:
     phi3 = torch.where(small, -h / 6 + h**2 / 24 - h**3 / 120 + h**4 / 720, (em1 + hs) / hs**2 - 0.5)
     phi3 = torch.where(inf, torch.full_like(h, -0.5), phi3)
     return -em1, phi2, phi3
+
+
+def multistep_orders(p: int, n: int, lower_order_final: bool | str) -> list[int]:
+    """The order of each of the ``n`` steps of a ``p``-step multistep method: warm-up ``1, 2, …, p``; with
+    ``lower_order_final`` the last steps of a grid under :data:`LOWER_ORDER_FINAL_BELOW` steps lower it again
+    (``min(p, n − i)``), and ``"diffusers"`` does so on every grid, counting the final Tweedie step to
+    ``σ = 0`` as one more step (``min(p, n + 1 − i)``)."""
+    orders = [min(p, i + 1) for i in range(n)]
+    if lower_order_final == "diffusers":
+        return [min(o, n + 1 - i) for i, o in enumerate(orders)]
+    if lower_order_final and n < LOWER_ORDER_FINAL_BELOW:
+        return [min(o, n - i) for i, o in enumerate(orders)]
+    return orders
 
 
 def per_step(v: Tensor, dtype: torch.dtype) -> list[Tensor]:

@@ -63,12 +63,11 @@ from torch import Tensor
 
 from ..equation import Equation, require_affine
 from ..noise import normal_like
-from ._expint import grid_kernel, per_step, phis
+from ._expint import grid_kernel, multistep_orders, per_step, phis
 from .base import Solver
 
 __all__ = ["DPMSolverPP2M", "DPMSolverPP3M", "multistep_coefficients", "VARIANTS", "D2_WEIGHTS"]
 
-_LOWER_ORDER_FINAL_BELOW = 15  # diffusers: lower_order_final applies to grids of < 15 steps
 VARIANTS = ("midpoint", "heun")
 D2_WEIGHTS = ("exact", "halved")
 
@@ -89,13 +88,6 @@ class _MultistepState:
     history: list[Tensor] = field(default_factory=list)
 
 
-def _orders(p: int, n: int, lower_order_final: bool) -> list[int]:
-    orders = [min(p, i + 1) for i in range(n)]
-    if lower_order_final and n < _LOWER_ORDER_FINAL_BELOW:
-        orders = [min(o, n - i) for i, o in enumerate(orders)]
-    return orders
-
-
 def multistep_coefficients(
     eq: Any, times: Tensor, order: int, *, eta: float = 0.0, variant: str = "midpoint",
     d2_weight: str = "exact", orders: list[int] | None = None,
@@ -111,7 +103,7 @@ def multistep_coefficients(
     h = ell[1:] - ell[:-1]  # (N,) > 0 when sampling
     big_h = (1.0 + eta) * h
     if orders is None:
-        orders = _orders(order, n, False)
+        orders = multistep_orders(order, n, False)
     top = max(orders, default=1)  # the highest order any step uses: only its coefficients are computed
     phi = phis(big_h, 3 if top >= 3 else 2 if top == 2 and variant != "midpoint" else 1)
     phi1 = phi[0]
@@ -177,7 +169,7 @@ class _DPMSolverPPMultistep(Solver):
         require_affine(eq, self.name)
 
     def _orders(self, n: int) -> list[int]:
-        return _orders(int(self.order), n, self.lower_order_final)
+        return multistep_orders(int(self.order), n, self.lower_order_final)
 
     def init_state(self, eq: Any, x: Tensor, times: Tensor) -> _MultistepState:
         """Coefficients of every step of the grid ``times`` (decreasing, on ``x``'s device)."""

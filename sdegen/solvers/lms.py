@@ -52,13 +52,12 @@ import torch
 from torch import Tensor
 
 from ..equation import Equation, require_affine
-from ._expint import grid_kernel, per_step
+from ._expint import grid_kernel, multistep_orders, per_step
 from .base import Solver
 
 __all__ = ["LMS", "IPNDM", "LMS_VARIABLES", "lms_weights"]
 
 LMS_VARIABLES = ("sigma", "log_snr", "t")
-_LOWER_ORDER_FINAL_BELOW = 15
 _GL_NODES = 16
 _LEGGAUSS = tuple(v.tolist() for v in np.polynomial.legendre.leggauss(_GL_NODES))
 _AB = {
@@ -77,13 +76,6 @@ class _LMSState:
     ex: list | None
     step: int = 0
     history: list[Tensor] = field(default_factory=list)
-
-
-def _orders(p: int, n: int, lower_order_final: bool) -> list[int]:
-    orders = [min(p, i + 1) for i in range(n)]
-    if lower_order_final and n < _LOWER_ORDER_FINAL_BELOW:
-        orders = [min(o, n - i) for i, o in enumerate(orders)]
-    return orders
 
 
 def _lagrange_integrals(u: Tensor, order: int, weight: str) -> Tensor:
@@ -237,7 +229,7 @@ class LMS(Solver):
 
     def init_state(self, eq: Any, x: Tensor, times: Tensor) -> _LMSState:
         n = times.shape[0] - 1
-        orders = _orders(self.p, n, self.lower_order_final)
+        orders = multistep_orders(self.p, n, self.lower_order_final)
         a, w, ex, em = lms_weights(eq, times, self.p, self.variable, orders, self._fixed)
         dt = x.dtype
         sig = self.variable in ("sigma", "t")

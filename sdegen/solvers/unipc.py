@@ -57,13 +57,12 @@ import torch
 from torch import Tensor
 
 from ..equation import Equation, require_affine
-from ._expint import CachedDenoise, grid_kernel, per_step
+from ._expint import CachedDenoise, grid_kernel, multistep_orders, per_step
 from .base import AdaptiveSolver, PathSolver, Solver
 
 __all__ = ["UniPC", "unipc_coefficients"]
 
 UNIPC_VARIANTS = ("bh1", "bh2")
-_LOWER_ORDER_FINAL_BELOW = 15
 
 
 @dataclass
@@ -220,12 +219,7 @@ class UniPC(Solver):
             self.predictor.check(eq)
 
     def _orders(self, n: int) -> list[int]:
-        orders = [min(self.p, i + 1) for i in range(n)]
-        if self.lower_order_final == "diffusers":  # every grid; the Tweedie step to σ = 0 counts as one more
-            orders = [min(o, n + 1 - i) for i, o in enumerate(orders)]
-        elif self.lower_order_final and n < _LOWER_ORDER_FINAL_BELOW:
-            orders = [min(o, n - i) for i, o in enumerate(orders)]
-        return orders
+        return multistep_orders(self.p, n, self.lower_order_final)
 
     def init_state(self, eq: Any, x: Tensor, times: Tensor) -> _UniPCState:
         n = times.shape[0] - 1
