@@ -15,8 +15,6 @@ measured (step time − network time) / network time (``overhead_fraction_direct
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -183,14 +181,13 @@ def with_network(quick: bool = False, log=print) -> list[dict]:
 
 
 # -- whole calls ------------------------------------------------------------------------------------
-def _interleaved(a, b, repeats: int) -> tuple[float, float]:
-    """Best wall times of ``a()`` and ``b()``, run alternately (the same machine state for both)."""
-    a()
-    b()
+def _interleaved_rounds(a, b, rounds: int, reps: int) -> tuple[float, float]:
+    """Best wall time of ``a()`` and of ``b()`` over ``rounds`` alternating rounds of ``reps`` calls each (the
+    same machine state for both)."""
     ta = tb = float("inf")
-    for _ in range(repeats):
-        ta = min(ta, best_time(a, 1))
-        tb = min(tb, best_time(b, 1))
+    for _ in range(rounds):
+        ta = min(ta, best_time(a, reps))
+        tb = min(tb, best_time(b, reps))
     return ta, tb
 
 
@@ -244,7 +241,9 @@ def whole_calls(quick: bool = False, log=print) -> list[dict]:
                 def mine(ours=ours, kw=kw, n=nfe, x=x, model=model):
                     return reverse_sample(sde, model, x_T=x, solver=ours, steps=n, **kw)
 
-                ta, tb = _interleaved(mine, peer, 3 if quick else 7)
+                mine()
+                peer()  # warm up
+                ta, tb = _interleaved_rounds(mine, peer, 3 if quick else 7, 1)
                 row = {"shape": list(shape), "nfe": nfe, "sdegen": ours, "peer": theirs, "sdegen_ms": 1e3 * ta,
                        "peer_ms": 1e3 * tb, "ratio": ta / tb}
                 rows.append(row)
@@ -254,22 +253,6 @@ def whole_calls(quick: bool = False, log=print) -> list[dict]:
 
 
 BASIC_PAIRS = [("euler", "sample_euler"), ("heun", "sample_heun"), ("dpmpp_2m", "sample_dpmpp_2m")]
-
-
-def _interleaved_rounds(a, b, rounds: int, reps: int) -> tuple[float, float]:
-    """Best time of ``a`` and of ``b`` over ``rounds`` alternating rounds of ``reps`` calls each."""
-    ta = tb = float("inf")
-    for _ in range(rounds):
-        for fn, which in ((a, 0), (b, 1)):
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                dt = time.perf_counter() - t0
-                if which == 0:
-                    ta = min(ta, dt)
-                else:
-                    tb = min(tb, dt)
-    return ta, tb
 
 
 def _basic_cases(quick: bool):
