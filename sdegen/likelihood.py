@@ -262,13 +262,40 @@ def resolve_time_variable(name: str, sde: SDE, t0: float, t1: float, *, adaptive
 
     ``"auto"``: ``"vp_t"`` for adaptive solvers when the SDE allows it (measured to need the fewest
     evaluations at equal error on the benchmark problems, ``docs/likelihood.md``), else ``"t"`` — for SDEs
-    that are not affine, for ``m = 0`` at an end, and for fixed-step solvers (whose grid is chosen in ``t``).
+    that are not affine, for ``m = 0`` at an end, where ``vp_t`` makes the linear drift more than
+    :data:`MAX_STIFFNESS_GAIN` times stiffer than ``t`` at ``t_min`` (sub-VP, interpolants: :func:`_stiffness`),
+    and for fixed-step solvers (whose grid is chosen in ``t``).
     """
     if name not in TIME_VARIABLES:
         raise ValueError(f"time_variable must be one of {TIME_VARIABLES}, got {name!r}")
     if name == "auto":
-        name = AUTO_TIME_VARIABLE if adaptive and not _variable_problem(sde, AUTO_TIME_VARIABLE, t0, t1) else "t"
+        if adaptive and not _variable_problem(sde, AUTO_TIME_VARIABLE, t0, t1):
+            variable = TimeVariable(AUTO_TIME_VARIABLE, sde, t0, t1)
+            if _stiffness(variable) <= MAX_STIFFNESS_GAIN * max(_stiffness(TimeVariable("t", sde, t0, t1)), 1.0):
+                return variable
+        name = "t"
     return TimeVariable(name, sde, t0, t1)
+
+
+MAX_STIFFNESS_GAIN = 10.0  # time_variable="auto" keeps "t" where vp_t makes the drift this much stiffer at t_min
+
+
+def _stiffness(variable: TimeVariable) -> float:
+    """``max |d log m/du| · (u1 − u0)`` near the data end (``t`` in ``[t0, 10 t0]``): the rate of the linear drift
+    ``a(t) = d log m/dt`` in ``u``, per interval length, where ``vp_t`` can squeeze the interval.
+
+    Where ``σ → 0`` faster than ``√t`` while ``m`` still moves (sub-VP: ``σ ≈ β₀ t``; interpolants:
+    ``σ ≈ t``), ``vp_t`` squeezes the start (``u ∝ t²``) and ``d log m/du`` grows like ``1/t``: there ``vp_t``
+    needed 2–3x the steps of ``t`` for 10–200x the error (``docs/likelihood.md``).
+    """
+    t0, t1 = variable.t0, variable.t1
+    frac = torch.linspace(0.0, 1.0, 9, dtype=torch.float64)
+    ts = t0 * min(10.0, t1 / t0) ** frac if t0 > 0 else torch.full((1,), t0, dtype=torch.float64)
+    dlogm = torch.as_tensor(variable.sde.drift_coef(ts), dtype=torch.float64).expand_as(ts)  # type: ignore[union-attr]
+    _, rate = variable.time_and_rate(variable.of_t(ts))
+    rate = torch.ones_like(ts) if rate is None else rate
+    value = (dlogm * rate).abs().max() * abs(variable.u1 - variable.u0)
+    return float(value) if bool(torch.isfinite(value)) else math.inf
 
 
 class TimeChange(EquationBase):
@@ -770,7 +797,8 @@ def log_likelihood(
         steps, grid: the time grid of a fixed-step solver (``grid`` default the solver's; uniform for
             torchdiffeq), chosen in ``t``; adaptive solvers take neither.
         time_variable: the variable the ODE is integrated in (:class:`TimeVariable`): ``"auto"`` (default:
-            ``"vp_t"`` for adaptive solvers on affine SDEs with ``σ`` finite on the interval, else ``"t"``),
+            ``"vp_t"`` for adaptive solvers on affine SDEs with ``σ`` finite on the interval, unless it stiffens
+            the drift at ``t_min`` as for sub-VP and interpolants (:func:`resolve_time_variable`), else ``"t"``),
             ``"t"``, ``"vp_t"``, ``"sigma"``, ``"log_sigma"``, ``"logsnr"``. The result is the same integral;
             the number of steps differs (``docs/likelihood.md``).
         exact_mode: how the exact trace takes its ``D`` products: ``"auto"`` (the fastest measured for the
@@ -1105,7 +1133,8 @@ def encode(
 
     ``x`` ``(batch, *dims)`` data at ``t_min``; returns ``x(t_max)`` of the same shape (and info).
     Options as :func:`log_likelihood` (``time_variable`` too); :func:`decode` is its inverse up to the ODE
-    tolerance.
+    tolerance. The latent is ill-conditioned near the data: the ODE expands early errors by up to about
+    ``1/σ(t_min)``, so check it at a tighter ``rtol`` before using it quantitatively (``docs/likelihood.md``).
     """
     t0, t1 = _interval(sde, t_min, t_max)
     return _flow(
