@@ -158,17 +158,31 @@ class TimeVariable:
             problem = _variable_problem(sde, name, self.t0, self.t1)
             if problem:
                 raise ValueError(f"time_variable={name!r} cannot be used here: {problem}; use time_variable='t'")
+        self._same_as_t = name == "t"
         ends = self.of_t(torch.tensor([self.t0, self.t1], dtype=torch.float64))
         self.u0, self.u1 = float(ends[0]), float(ends[1])
+        if not self._same_as_t:  # e.g. vp_t of VPSDE(0.1, 20): integrate in t itself, with no change of variable
+            ts = self.t0 + (self.t1 - self.t0) * torch.linspace(0.0, 1.0, 17, dtype=torch.float64)
+            us = self.of_t(ts)
+            back, rate = self.time_and_rate(us)
+            self._same_as_t = bool(
+                (us - ts).abs().max() <= 1e-12 * (1.0 + ts.abs().max())
+                and (back.to(torch.float64) - ts).abs().max() <= 1e-12 * (1.0 + ts.abs().max())
+                and rate is not None
+                and (rate - 1.0).abs().max() <= 1e-10
+            )
+            if self._same_as_t:
+                self.u0, self.u1 = self.t0, self.t1
 
     @property
     def identity(self) -> bool:
-        return self.name == "t"
+        """``u = t`` (``"t"``, or a variable that is ``t`` for this SDE: no :class:`TimeChange` is needed)."""
+        return self._same_as_t
 
     def of_t(self, t: Tensor) -> Tensor:
         """``u(t)`` (float64, shaped like ``t``)."""
         t = t.to(torch.float64)
-        if self.name == "t":
+        if self.name == "t" or getattr(self, "_same_as_t", False):
             return t
         return self._u_of_sigma(self.sde.sigma(t).to(torch.float64))  # type: ignore[union-attr]
 
@@ -195,7 +209,7 @@ class TimeVariable:
 
     def time_and_rate(self, u: Tensor) -> tuple[Tensor, Tensor | None]:
         """The model time ``t(u)`` (dtype of ``u``) and ``dt/du`` (float64, float32 on MPS; None for ``"t"``)."""
-        if self.name == "t":
+        if self.name == "t" or getattr(self, "_same_as_t", False):
             return u, None
         wide = torch.float32 if u.device.type == "mps" else torch.float64  # MPS has no float64
         uu = u.to(wide)

@@ -469,11 +469,15 @@ def test_time_variable_fallbacks_and_errors():
         TimeVariable("log_sigma", wrong, 1e-5, 1.0)
     with pytest.raises(ValueError, match="time_variable must be one of"):
         log_likelihood(VPSDE(), pm.score, x, time_variable="loglog")
-    # for VPSDE(0.1, 20) vp_t is t itself
+    # for VPSDE(0.1, 20) vp_t is t itself: recognised, integrated with no change of variable; elsewhere it is not
     v = TimeVariable("vp_t", VPSDE(), 1e-5, 1.0)
     u = torch.tensor([1e-5, 0.01, 0.3, 0.77, 1.0], dtype=F64)
     t, rate = v.time_and_rate(v.of_t(u))
-    assert (t - u).abs().max() < 1e-9 and (rate - 1).abs().max() < 1e-8
+    assert v.identity and torch.equal(t, u) and rate is None and (v.u0, v.u1) == (1e-5, 1.0)
+    assert not TimeVariable("vp_t", VPSDE(0.1, 10.0), 1e-5, 1.0).identity
+    pv = GM3.perturbed(VPSDE())
+    same = [log_likelihood(VPSDE(), pv.score, x, time_variable=tv, rtol=1e-5, atol=1e-5) for tv in ("t", "vp_t")]
+    assert torch.equal(same[0], same[1])
 
 
 def test_exact_modes_agree():
