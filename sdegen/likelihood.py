@@ -182,7 +182,7 @@ class TimeVariable:
     def of_t(self, t: Tensor) -> Tensor:
         """``u(t)`` (float64, shaped like ``t``)."""
         t = t.to(torch.float64)
-        if self.name == "t" or getattr(self, "_same_as_t", False):
+        if self._same_as_t:
             return t
         return self._u_of_sigma(self.sde.sigma(t).to(torch.float64))  # type: ignore[union-attr]
 
@@ -209,7 +209,7 @@ class TimeVariable:
 
     def time_and_rate(self, u: Tensor) -> tuple[Tensor, Tensor | None]:
         """The model time ``t(u)`` (dtype of ``u``) and ``dt/du`` (float64, float32 on MPS; None for ``"t"``)."""
-        if self.name == "t" or getattr(self, "_same_as_t", False):
+        if self._same_as_t:
             return u, None
         wide = torch.float32 if u.device.type == "mps" else torch.float64  # MPS has no float64
         uu = u.to(wide)
