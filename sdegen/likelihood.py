@@ -285,7 +285,8 @@ def resolve_time_variable(name: str, sde: SDE, t0: float, t1: float, *, adaptive
     if name == "auto":
         if adaptive and not _variable_problem(sde, AUTO_TIME_VARIABLE, t0, t1):
             variable = TimeVariable(AUTO_TIME_VARIABLE, sde, t0, t1)
-            if _stiffness(variable) <= MAX_STIFFNESS_GAIN * max(_stiffness(TimeVariable("t", sde, t0, t1)), 1.0):
+            gain = _stiffness(variable) / max(_stiffness(TimeVariable("t", sde, t0, t1)), 1.0)
+            if gain <= MAX_STIFFNESS_GAIN:  # (NaN: not measurable, keep t)
                 return variable
         name = "t"
     return TimeVariable(name, sde, t0, t1)
@@ -305,8 +306,11 @@ def _stiffness(variable: TimeVariable) -> float:
     t0, t1 = variable.t0, variable.t1
     frac = torch.linspace(0.0, 1.0, 9, dtype=torch.float64)
     ts = t0 * min(10.0, t1 / t0) ** frac if t0 > 0 else torch.full((1,), t0, dtype=torch.float64)
-    dlogm = torch.as_tensor(variable.sde.drift_coef(ts), dtype=torch.float64).expand_as(ts)  # type: ignore[union-attr]
-    _, rate = variable.time_and_rate(variable.of_t(ts))
+    try:
+        dlogm = torch.as_tensor(variable.sde.drift_coef(ts), dtype=torch.float64).reshape(-1).expand_as(ts)  # type: ignore[union-attr]
+        _, rate = variable.time_and_rate(variable.of_t(ts))
+    except Exception:  # noqa: BLE001 - an SDE whose a(t) cannot be evaluated here: not measurable
+        return math.nan
     rate = torch.ones_like(ts) if rate is None else rate
     value = (dlogm * rate).abs().max() * abs(variable.u1 - variable.u0)
     return float(value) if bool(torch.isfinite(value)) else math.inf
