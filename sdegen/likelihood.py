@@ -168,8 +168,7 @@ class TimeVariable:
             self._same_as_t = bool(
                 (us - ts).abs().max() <= 1e-12 * (1.0 + ts.abs().max())
                 and (back.to(torch.float64) - ts).abs().max() <= 1e-12 * (1.0 + ts.abs().max())
-                and rate is not None
-                and (rate - 1.0).abs().max() <= 1e-10
+                and (rate - 1.0).abs().max() <= 1e-10  # type: ignore[operator]  # not yet "t": a rate
             )
             if self._same_as_t:
                 self.u0, self.u1 = self.t0, self.t1
@@ -283,11 +282,15 @@ def resolve_time_variable(name: str, sde: SDE, t0: float, t1: float, *, adaptive
     if name not in TIME_VARIABLES:
         raise ValueError(f"time_variable must be one of {TIME_VARIABLES}, got {name!r}")
     if name == "auto":
-        if adaptive and not _variable_problem(sde, AUTO_TIME_VARIABLE, t0, t1):
-            variable = TimeVariable(AUTO_TIME_VARIABLE, sde, t0, t1)
-            gain = _stiffness(variable) / max(_stiffness(TimeVariable("t", sde, t0, t1)), 1.0)
-            if gain <= MAX_STIFFNESS_GAIN:  # (NaN: not measurable, keep t)
-                return variable
+        if adaptive:
+            try:  # the constructor runs _variable_problem once and raises ValueError when vp_t cannot be used
+                variable = TimeVariable(AUTO_TIME_VARIABLE, sde, t0, t1)
+            except ValueError:
+                variable = None
+            if variable is not None:
+                gain = _stiffness(variable) / max(_stiffness(TimeVariable("t", sde, t0, t1)), 1.0)
+                if gain <= MAX_STIFFNESS_GAIN:  # (NaN: not measurable, keep t)
+                    return variable
         name = "t"
     return TimeVariable(name, sde, t0, t1)
 
